@@ -1,0 +1,102 @@
+"""The DBOS chatbot example's API, kept exactly so its clients work unchanged."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from parley import turns
+from parley.api.validation import (
+    Username,
+    UsernamePath,
+    check_idempotency_key,
+    check_message,
+    invalid,
+)
+from parley.store import seed_conversation_id
+
+router = APIRouter(tags=["chat"])
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message: StrictStr = Field(description="What the user says.")
+    username: Username
+
+
+class ChatMessage(BaseModel):
+    content: str
+    isUser: bool  # noqa: N815 (the example's field name)
+
+
+class Times(BaseModel):
+    cpu_time: float = Field(description="CPU seconds this process used in the window.")
+    wall_clock_time: float = Field(description="Seconds the turns finished in the window took.")
+    turns: int = Field(description="Turns finished in the window.")
+    window_seconds: float
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+@router.post(
+    "/chat",
+    response_model=ChatMessage,
+    responses={
+        422: {"description": "A field is missing, of the wrong type, empty or too long."},
+        502: {"model": ErrorBody, "description": "The model provider failed."},
+    },
+)
+async def chat(
+    body: ChatRequest,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Retrying with the same key returns the same turn instead of "
+            "running a second one."
+        ),
+    ] = None,
+) -> ChatMessage:
+    """Run one durable chat turn and return the model's reply."""
+    check_message(body.message, request.app.state.settings.max_message_chars, ("body", "message"))
+    check_idempotency_key(idempotency_key)
+    turn_id = turns.new_turn_id(body.username, idempotency_key)
+    if idempotency_key is not None:
+        earlier = await turns.services().store.turn_message(turn_id, "user")
+        if earlier is not None and earlier != body.message:
+            raise invalid(
+                ("header", "Idempotency-Key"),
+                "was already used for a different message",
+                "idempotency_key_reused",
+            )
+    try:
+        reply = await turns.run_turn(
+            body.username, seed_conversation_id(body.username), body.message, turn_id
+        )
+    except turns.TurnFailed as failure:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(failure)) from None
+    return ChatMessage(content=reply, isUser=False)
+
+
+@router.get("/history/{username}", response_model=list[ChatMessage])
+async def history(username: UsernamePath) -> list[ChatMessage]:
+    """The user's messages and the model's replies, oldest first."""
+    messages = await turns.services().store.history(seed_conversation_id(username))
+    return [ChatMessage(content=m.content, isUser=m.role == "user") for m in messages]
+
+
+@router.get("/times", response_model=Times)
+async def times(request: Request) -> Times:
+    """CPU time against wall-clock time over the last minute."""
+    usage = request.app.state.usage.snapshot()
+    return Times(
+        cpu_time=usage.cpu_time,
+        wall_clock_time=usage.wall_clock_time,
+        turns=usage.turns,
+        window_seconds=usage.window_seconds,
+    )

@@ -1,0 +1,87 @@
+"""The FastAPI application: its parts are started in the lifespan, in dependency order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from dbos import DBOS
+from fastapi import FastAPI, Request, status
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from parley import __version__, store, turns
+from parley.api import seed
+from parley.config import Settings
+from parley.llm import make_chat_model
+from parley.memory import open_memory
+from parley.usage import UsageMeter
+
+WEB_DIR = Path(__file__).parent / "web"
+logger = logging.getLogger("parley")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await store.migrate(settings)
+            chat_store = store.Store.from_settings(settings)
+            stack.push_async_callback(chat_store.close)
+            memory = await stack.enter_async_context(
+                open_memory(settings, make_chat_model(settings))
+            )
+            usage = app.state.usage
+            turns.install(turns.Services(store=chat_store, memory=memory, usage=usage))
+            stack.callback(turns.install, None)
+
+            DBOS(
+                config={
+                    "name": "parley",
+                    "system_database_url": settings.dbos_database_url,
+                    "executor_id": settings.executor_id,
+                    # Recovery resumes only the workflows of the running version.
+                    "application_version": __version__,
+                    "log_level": settings.log_level.upper(),
+                }
+            )
+            # Launched from the server's own event loop, so that turns DBOS recovers run
+            # on this loop, beside the database pools they use.
+            DBOS.launch()
+            stack.callback(DBOS.destroy)
+
+            sampler = asyncio.create_task(usage.run())
+            stack.callback(sampler.cancel)
+            logger.info("Parley is ready")
+            yield
+
+    app = FastAPI(
+        title="Parley",
+        version=__version__,
+        summary="A durable LLM chat service.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.usage = UsageMeter()
+    app.include_router(seed.router)
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.exception_handler(sa.exc.DBAPIError)
+    async def database_unavailable(_request: Request, error: sa.exc.DBAPIError) -> JSONResponse:
+        logger.error("database error: %s", error.orig)
+        return JSONResponse(
+            {"detail": "The database is unavailable; try again shortly."},
+            status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+
+    return app

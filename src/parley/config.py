@@ -1,0 +1,121 @@
+"""Settings, read from the environment (``PARLEY_*`` plus the usual standard names)."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You talk like a pirate. Answer all questions to the best of your ability."
+)
+# The example's model, used when only an API key is given.
+DEFAULT_OPENAI_MODEL = "gpt-3.5-turbo"
+
+
+class ConfigurationError(Exception):
+    """The settings cannot work; the message says what to set."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARLEY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = Path("parley-data")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Unset means the embedded SQLite files in ``data_dir``.
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("PARLEY_DATABASE_URL", "DATABASE_URL")
+    )
+
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("PARLEY_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("PARLEY_OPENAI_BASE_URL", "OPENAI_BASE_URL")
+    )
+    model: str | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Seconds for one model request; a slower answer counts as a failed attempt.
+    llm_timeout: float = Field(default=60.0, gt=0)
+    # How many earlier messages of a conversation the model is shown.
+    memory_max_messages: int = Field(default=40, ge=2)
+
+    max_message_chars: int = Field(default=16_000, ge=1)
+
+    # DBOS recovers, at start, the unfinished turns of its own executor id. Each replica
+    # sharing one PostgreSQL needs a stable id of its own.
+    executor_id: str = "local"
+
+    @field_validator("database_url", "openai_base_url", "model", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL (unset it for SQLite)")
+        return value
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url is not None
+
+    @property
+    def provider_configured(self) -> bool:
+        return self.openai_api_key is not None or self.openai_base_url is not None
+
+    @cached_property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_OPENAI_MODEL
+
+    def check_provider(self) -> None:
+        if not self.provider_configured:
+            raise ConfigurationError(
+                "no model provider configured: set OPENAI_API_KEY (OpenAI) or "
+                "OPENAI_BASE_URL (any OpenAI-compatible server), and PARLEY_MODEL if needed"
+            )
+
+    def describe_database(self) -> str:
+        if self.database_url is None:
+            return f"SQLite in {self.data_dir.resolve()}"
+        from sqlalchemy.engine import make_url
+
+        return f"PostgreSQL {make_url(self.database_url).render_as_string(hide_password=True)}"
+
+    # Where each part keeps its data. On SQLite each part has a file of its own, so one
+    # part's writes never wait on another's lock; on PostgreSQL they share one database.
+
+    def _pg_url(self, driver: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        assert self.database_url is not None
+        return make_url(self.database_url).set(drivername=driver).render_as_string(
+            hide_password=False
+        )
+
+    @property
+    def dbos_database_url(self) -> str:
+        if self.database_url is None:
+            return f"sqlite:///{self.data_dir.resolve() / 'dbos.sqlite'}"
+        return self._pg_url("postgresql")
+
+    def store_database_url(self, *, sync: bool = False) -> str:
+        if self.database_url is None:
+            driver = "sqlite" if sync else "sqlite+aiosqlite"
+            return f"{driver}:///{self.data_dir.resolve() / 'parley.sqlite'}"
+        return self._pg_url("postgresql+psycopg" if sync else "postgresql+asyncpg")
+
+    @property
+    def memory_database(self) -> str:
+        """A file path for the SQLite saver, a libpq conninfo URL for the PostgreSQL one."""
+        if self.database_url is None:
+            return str(self.data_dir.resolve() / "memory.sqlite")
+        return self._pg_url("postgresql")

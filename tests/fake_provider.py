@@ -1,0 +1,154 @@
+"""A fake OpenAI-compatible chat completions server, for tests and benchmarks.
+
+It is a real HTTP peer on loopback, run by uvicorn in a thread of the test process, so a
+test can both steer it and read its call log directly. The last user message may carry
+directives:
+
+- ``[hang]``: hold the answer until ``release()`` is called (or a minute passes);
+- ``[fail:CODE]``: answer every attempt with HTTP CODE;
+- ``[fail-once:CODE]``: answer the first attempt at this message with HTTP CODE;
+- ``[delay:SECONDS]``: wait before answering.
+
+The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay)(?::([0-9.]+))?\]")
+
+
+@dataclass
+class Call:
+    messages: list[dict[str, Any]]
+    stream: bool
+    at: float = field(default_factory=time.time)
+
+    @property
+    def last_user(self) -> str:
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+def reply_for(message: str) -> str:
+    return f"Arr! You said: {message}"
+
+
+class FakeProvider:
+    def __init__(self, latency: float = 0.0) -> None:
+        self.latency = latency
+        self.calls: list[Call] = []
+        self._released = threading.Event()
+        self._failed_once: set[str] = set()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def release(self) -> None:
+        self._released.set()
+
+    def calls_for(self, text: str) -> list[Call]:
+        return [call for call in self.calls if call.last_user == text]
+
+    async def _completions(self, request: Request) -> Response:
+        body = await request.json()
+        call = Call(messages=body["messages"], stream=bool(body.get("stream")))
+        self.calls.append(call)
+        text = call.last_user
+        for name, argument in _DIRECTIVE.findall(text):
+            if name == "hang":
+                deadline = time.monotonic() + 60
+                while not self._released.is_set() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            elif name == "delay":
+                await asyncio.sleep(float(argument))
+            elif name == "fail":
+                return JSONResponse({"error": {"message": "fake failure"}}, int(argument))
+            elif name == "fail-once" and text not in self._failed_once:
+                self._failed_once.add(text)
+                return JSONResponse({"error": {"message": "fake failure"}}, int(argument))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        content = reply_for(text)
+        model = body.get("model", "fake")
+        if call.stream:
+            return StreamingResponse(self._chunks(content, model), media_type="text/event-stream")
+        return JSONResponse(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }
+        )
+
+    async def _chunks(self, content: str, model: str) -> AsyncIterator[str]:
+        words = content.split(" ")
+        for index, word in enumerate(words):
+            piece = word if index == 0 else " " + word
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n"
+        done = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        yield f"data: {json.dumps(done)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def start(self) -> FakeProvider:
+        app = Starlette(routes=[Route("/v1/chat/completions", self._completions, methods=["POST"])])
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake provider did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
