@@ -62,6 +62,10 @@ class FakeProvider:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def hold(self) -> None:
+        """Make ``[hang]`` messages wait again until the next ``release()``."""
+        self._released.clear()
+
     def release(self) -> None:
         self._released.set()
 
@@ -75,9 +79,7 @@ class FakeProvider:
         text = call.last_user
         for name, argument in _DIRECTIVE.findall(text):
             if name == "hang":
-                deadline = time.monotonic() + 60
-                while not self._released.is_set() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.02)
+                await asyncio.to_thread(self._released.wait, 60)
             elif name == "delay":
                 await asyncio.sleep(float(argument))
             elif name == "fail":

@@ -9,9 +9,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You talk like a pirate. Answer all questions to the best of your ability."
-)
+DEFAULT_SYSTEM_PROMPT = "You talk like a pirate. Answer all questions to the best of your ability."
 # The example's model, used when only an API key is given.
 DEFAULT_OPENAI_MODEL = "gpt-3.5-turbo"
 
@@ -97,8 +95,8 @@ class Settings(BaseSettings):
         from sqlalchemy.engine import make_url
 
         assert self.database_url is not None
-        return make_url(self.database_url).set(drivername=driver).render_as_string(
-            hide_password=False
+        return (
+            make_url(self.database_url).set(drivername=driver).render_as_string(hide_password=False)
         )
 
     @property

@@ -7,7 +7,6 @@ from langchain_openai import ChatOpenAI
 
 from parley.config import Settings
 
-
 # What the OpenAI client raises when the provider, not Parley, is at fault.
 PROVIDER_ERRORS = (openai.APIConnectionError, openai.APIStatusError)
 

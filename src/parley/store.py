@@ -40,9 +40,7 @@ conversations = sa.Table(
 messages = sa.Table(
     "messages",
     metadata,
-    sa.Column(
-        "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True
-    ),
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
     sa.Column(
         "conversation_id",
         sa.String(36),
@@ -192,7 +190,9 @@ def alembic_config(settings: Settings) -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     # ``%`` is alembic's interpolation character; a password may contain one.
-    config.set_main_option("sqlalchemy.url", settings.store_database_url(sync=True).replace("%", "%%"))
+    config.set_main_option(
+        "sqlalchemy.url", settings.store_database_url(sync=True).replace("%", "%%")
+    )
     return config
 
 

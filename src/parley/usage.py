@@ -1,7 +1,8 @@
 """CPU time against wall-clock time, over a sliding window: the figures on the page.
 
-CPU time is this process's own (user + system, from psutil), sampled each second; the
-wall-clock figure is the summed duration of the chat turns that finished in the window.
+CPU time is this process's own (user + system, from psutil): its reading now less the
+reading sampled, once a second, at the window's start. The wall-clock figure is the
+summed duration of the chat turns that finished in the window.
 """
 
 from __future__ import annotations
@@ -54,9 +55,8 @@ class UsageMeter:
             if taken_at >= now - self.window:
                 start = cpu
                 break
-        _, latest = self._cpu_samples[-1]
         return Usage(
-            cpu_time=max(0.0, latest - start),
+            cpu_time=max(0.0, self._cpu_seconds() - start),
             wall_clock_time=sum(seconds for _, seconds in self._turns),
             turns=len(self._turns),
             window_seconds=self.window,

@@ -29,7 +29,7 @@ class ChatRequest(BaseModel):
 
 class ChatMessage(BaseModel):
     content: str
-    isUser: bool  # noqa: N815 (the example's field name)
+    isUser: bool
 
 
 class Times(BaseModel):

@@ -27,9 +27,7 @@ def upgrade() -> None:
     op.create_index("ix_conversations_owner_created", "conversations", ["owner", "created_at"])
     op.create_table(
         "messages",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
         sa.Column(
             "conversation_id",
             sa.String(36),

@@ -1,0 +1,80 @@
+"""The ``parley`` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from parley import __version__
+from tests.conftest import PARLEY
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DATABASE_URL")
+    }
+    return subprocess.run(
+        [str(PARLEY), *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"parley {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["migrate"]])
+def test_help(command: list[str]) -> None:
+    result = run(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: parley" in result.stdout
+
+
+def test_serve_without_a_provider_says_what_to_set(tmp_path: Path) -> None:
+    result = run("serve", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "OPENAI_API_KEY" in lines[0] and "OPENAI_BASE_URL" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_settings_are_one_clear_line(tmp_path: Path) -> None:
+    result = run("serve", env={"DATABASE_URL": "mysql://x/y", "OPENAI_API_KEY": "k"})
+    assert result.returncode == 1
+    assert "DATABASE_URL must be a postgresql:// URL" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_migrate_creates_the_tables_on_sqlite(tmp_path: Path) -> None:
+    result = run("migrate", "--data-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    with sqlite3.connect(tmp_path / "parley.sqlite") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"conversations", "messages", "alembic_version"} <= tables
+
+
+@pytest.mark.postgres
+def test_migrate_creates_the_database_on_postgres(postgres_databases: object) -> None:
+    import psycopg
+
+    url = postgres_databases.new_url()  # type: ignore[attr-defined]
+    result = run("migrate", env={"DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(url) as conn:
+        tables = {
+            row[0]
+            for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")
+        }
+    assert {"conversations", "messages", "alembic_version"} <= tables

@@ -1,0 +1,129 @@
+"""The store's and the memory's writes are idempotent on the turn id: a step re-run
+after a crash stores nothing twice and does not ask the model again."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from parley.config import Settings
+from parley.llm import make_chat_model
+from parley.memory import open_memory
+from parley.store import (
+    Store,
+    ensure_postgres_database,
+    messages,
+    migrate,
+    seed_conversation_id,
+)
+from tests.conftest import BACKENDS, unique
+from tests.fake_provider import FakeProvider, reply_for
+
+
+@pytest.fixture
+async def settings(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, provider: FakeProvider
+) -> Settings:
+    database_url = None
+    if backend == "postgres":
+        database_url = request.getfixturevalue("postgres_databases").new_url()
+        await ensure_postgres_database(database_url)
+    return Settings(
+        data_dir=tmp_path,
+        database_url=database_url,
+        openai_base_url=provider.base_url,
+        _env_file=None,
+    )
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    await migrate(settings)
+    chat_store = Store.from_settings(settings)
+    yield chat_store
+    await chat_store.close()
+
+
+pytestmark = pytest.mark.parametrize("backend", BACKENDS)
+
+
+async def test_writing_a_turn_twice_stores_it_once(store: Store) -> None:
+    owner = unique()
+    conversation = seed_conversation_id(owner)
+    for _ in range(2):
+        await store.add_user_message(
+            owner=owner, conversation_id=conversation, turn_id="t1", content="hi"
+        )
+        await store.add_reply(conversation_id=conversation, turn_id="t1", content="ahoy")
+    history = await store.history(conversation)
+    assert [(m.role, m.content) for m in history] == [("user", "hi"), ("assistant", "ahoy")]
+
+
+async def test_history_reads_use_the_conversation_index(store: Store) -> None:
+    query = (
+        sa.select(messages.c.content)
+        .where(messages.c.conversation_id == "x")
+        .order_by(messages.c.id)
+    )
+    async with store.engine.connect() as conn:
+        if conn.dialect.name == "sqlite":
+            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
+            plan = (await conn.execute(sa.text(f"EXPLAIN QUERY PLAN {compiled}"))).all()
+            assert "ix_messages_conversation_id" in str(plan)
+        else:
+            await conn.execute(sa.text("SET enable_seqscan = off"))
+            compiled = query.compile(conn.sync_engine, compile_kwargs={"literal_binds": True})
+            plan = (await conn.execute(sa.text(f"EXPLAIN {compiled}"))).all()
+            assert "ix_messages_conversation_id" in str(plan)
+
+
+async def test_migrating_twice_is_harmless(settings: Settings, store: Store) -> None:
+    await migrate(settings)
+    assert await store.history("none") == []
+
+
+async def test_answering_a_turn_twice_asks_the_model_once(
+    settings: Settings, provider: FakeProvider
+) -> None:
+    question = unique("question")
+    async with open_memory(settings, make_chat_model(settings)) as memory:
+        first = await memory.reply("conv", "turn-1", question)
+        again = await memory.reply("conv", "turn-1", question)
+        remembered = await memory.messages("conv")
+    assert first == again == reply_for(question)
+    assert len(provider.calls_for(question)) == 1
+    assert [(m.type, m.text) for m in remembered] == [
+        ("human", question),
+        ("ai", reply_for(question)),
+    ]
+
+
+async def test_forgetting_a_failed_turn_leaves_the_rest(
+    settings: Settings, provider: FakeProvider
+) -> None:
+    kept, failed = unique("kept"), unique("[fail:400] failed")
+    async with open_memory(settings, make_chat_model(settings)) as memory:
+        await memory.reply("conv", "turn-1", kept)
+        with pytest.raises(Exception, match="400"):
+            await memory.reply("conv", "turn-2", failed)
+        assert len(await memory.messages("conv")) == 3
+        await memory.forget("conv", "turn-2")
+        await memory.forget("conv", "turn-2")  # nothing left to forget: no error
+        remembered = await memory.messages("conv")
+    assert [m.text for m in remembered] == [kept, reply_for(kept)]
+
+
+async def test_the_model_sees_a_bounded_window(settings: Settings, provider: FakeProvider) -> None:
+    settings.memory_max_messages = 4
+    async with open_memory(settings, make_chat_model(settings)) as memory:
+        texts = [unique(f"m{i}") for i in range(5)]
+        for index, text in enumerate(texts):
+            await memory.reply("conv", f"turn-{index}", text)
+    (call,) = provider.calls_for(texts[-1])
+    shown = [m["content"] for m in call.messages]
+    assert shown[0].startswith("You talk like a pirate")
+    # The last four messages, less the reply that would open the window.
+    assert shown[1:] == [texts[3], reply_for(texts[3]), texts[4]]
