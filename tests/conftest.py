@@ -21,6 +21,12 @@ from tests.fake_provider import FakeProvider
 
 PARLEY = Path(sys.executable).with_name("parley")
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Three attempts, 50 ms apart at first: failing turns fail fast in tests.
+QUICK_RETRIES = {
+    "PARLEY_LLM_ATTEMPTS": "3",
+    "PARLEY_LLM_RETRY_INTERVAL": "0.05",
+    "PARLEY_LOG_LEVEL": "warning",
+}
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -100,7 +106,7 @@ class ParleyServer:
         self.data_dir = data_dir
         self.port = free_port()
         self.env = {**os.environ, **env}
-        for name in ("OPENAI_API_KEY", "DATABASE_URL"):
+        for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DATABASE_URL", "PARLEY_MODEL_PATH"):
             if name not in env:
                 self.env.pop(name, None)
         self.process: subprocess.Popen[bytes] | None = None
@@ -134,6 +140,11 @@ class ParleyServer:
             time.sleep(0.1)
         raise RuntimeError(f"parley did not become ready:\n{self.log()}")
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to clean up."""
         assert self.process is not None
@@ -159,8 +170,12 @@ def make_server(
 ) -> Iterator[object]:
     servers: list[ParleyServer] = []
 
-    def make(database_url: str | None = None, **env: str) -> ParleyServer:
-        full_env = {"OPENAI_BASE_URL": provider.base_url, "PARLEY_LOG_LEVEL": "warning", **env}
+    def make(
+        database_url: str | None = None, *, local_model: bool = False, **env: str
+    ) -> ParleyServer:
+        full_env = {**QUICK_RETRIES, **env}
+        if not local_model:
+            full_env["OPENAI_BASE_URL"] = provider.base_url
         if database_url is not None:
             full_env["DATABASE_URL"] = database_url
         server = ParleyServer(tmp_path_factory.mktemp("parley"), full_env)
@@ -179,7 +194,7 @@ def server(
     provider: FakeProvider,
 ) -> Iterator[ParleyServer]:
     """One running Parley per backend, shared by a module's tests."""
-    env = {"OPENAI_BASE_URL": provider.base_url, "PARLEY_LOG_LEVEL": "warning"}
+    env = {"OPENAI_BASE_URL": provider.base_url, **QUICK_RETRIES}
     if request.param == "postgres":
         env["DATABASE_URL"] = request.getfixturevalue("postgres_databases").new_url()
     running = ParleyServer(tmp_path_factory.mktemp("parley"), env).start()

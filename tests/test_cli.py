@@ -41,12 +41,14 @@ def test_help(command: list[str]) -> None:
     assert "usage: parley" in result.stdout
 
 
-def test_serve_without_a_provider_says_what_to_set(tmp_path: Path) -> None:
-    result = run("serve", "--data-dir", str(tmp_path / "data"))
+def test_serve_with_a_missing_model_file_says_so(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.gguf"
+    result = run(
+        "serve", "--data-dir", str(tmp_path / "data"), env={"PARLEY_MODEL_PATH": str(missing)}
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1
-    assert "OPENAI_API_KEY" in lines[0] and "OPENAI_BASE_URL" in lines[0]
+    assert lines == [f"parley: PARLEY_MODEL_PATH: no such file: {missing}"]
     assert not (tmp_path / "data").exists()
 
 

@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from parley import __version__, store, turns
 from parley.api import seed
 from parley.config import Settings
-from parley.llm import make_chat_model
+from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
 from parley.usage import UsageMeter
 
@@ -34,11 +34,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.migrate(settings)
             chat_store = store.Store.from_settings(settings)
             stack.push_async_callback(chat_store.close)
-            memory = await stack.enter_async_context(
-                open_memory(settings, make_chat_model(settings))
-            )
+
             usage = app.state.usage
-            turns.install(turns.Services(store=chat_store, memory=memory, usage=usage))
+            base_url = None
+            if not settings.provider_configured:
+                local_model = LocalModelServer(settings, settings.data_dir / "model-server.log")
+                await local_model.start()
+                stack.push_async_callback(local_model.stop)
+                app.state.local_model = local_model
+                usage.model_cpu = local_model.cpu_seconds
+                base_url = local_model.base_url
+            memory = await stack.enter_async_context(
+                open_memory(settings, make_chat_model(settings, base_url))
+            )
+            turns.install(
+                turns.Services(store=chat_store, memory=memory, usage=usage, settings=settings)
+            )
             stack.callback(turns.install, None)
 
             DBOS(
@@ -69,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.usage = UsageMeter()
+    app.state.local_model = None
     app.include_router(seed.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 

@@ -32,7 +32,7 @@ def serve(settings: Settings) -> None:
     from parley.app import create_app
 
     print(f"Parley {__version__}")
-    print(f"  model:    {settings.model_name} at {settings.openai_base_url or 'OpenAI'}")
+    print(f"  model:    {settings.describe_model()}")
     print(f"  data:     {settings.describe_database()}")
     print(f"  serving:  http://{settings.host}:{settings.port}", flush=True)
     uvicorn.run(
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = _settings(args)
         args.run(settings)

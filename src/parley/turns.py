@@ -14,10 +14,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetWorkflowID, StepOptions
 from dbos import error as dbos_errors
 
 from parley import llm
+from parley.config import Settings
 from parley.memory import Memory
 from parley.store import Store
 from parley.usage import UsageMeter
@@ -32,6 +33,7 @@ class Services:
     store: Store
     memory: Memory
     usage: UsageMeter
+    settings: Settings
 
 
 # Steps are module-level functions (DBOS finds them by name on recovery), so the services
@@ -70,15 +72,20 @@ async def save_user_message(owner: str, conversation_id: str, turn_id: str, text
     )
 
 
-@DBOS.step(
-    retries_allowed=True,
-    max_attempts=3,
-    interval_seconds=1.0,
-    backoff_rate=2.0,
-    should_retry=llm.is_retryable,
-)
 async def ask_model(conversation_id: str, turn_id: str, text: str) -> str:
+    """A step (run by ``chat_turn`` with retry options from the settings)."""
     return await services().memory.reply(conversation_id, turn_id, text)
+
+
+def _ask_model_options(settings: Settings) -> StepOptions:
+    return {
+        "name": "ask_model",
+        "retries_allowed": True,
+        "max_attempts": settings.llm_attempts,
+        "interval_seconds": settings.llm_retry_interval,
+        "backoff_rate": 2.0,
+        "should_retry": llm.is_retryable,
+    }
 
 
 @DBOS.step()
@@ -99,7 +106,9 @@ async def chat_turn(owner: str, conversation_id: str, text: str) -> str:
     try:
         await save_user_message(owner, conversation_id, turn_id, text)
         try:
-            reply = await ask_model(conversation_id, turn_id, text)
+            reply = await DBOS.run_step_async(
+                _ask_model_options(services().settings), ask_model, conversation_id, turn_id, text
+            )
         except dbos_errors.DBOSMaxStepRetriesExceeded as error:
             await forget_failed_turn(conversation_id, turn_id)
             raise TurnFailed(llm.describe(error.errors[-1] if error.errors else error)) from None

@@ -1,8 +1,9 @@
 """CPU time against wall-clock time, over a sliding window: the figures on the page.
 
-CPU time is this process's own (user + system, from psutil): its reading now less the
-reading sampled, once a second, at the window's start. The wall-clock figure is the
-summed duration of the chat turns that finished in the window.
+CPU time is a process's user + system time from psutil: its reading now less the reading
+sampled, once a second, at the window's start. Parley's own process and the embedded
+model's process (when one runs) are measured apart. The wall-clock figure is the summed
+duration of the chat turns that finished in the window.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -18,6 +20,7 @@ import psutil
 @dataclass(frozen=True, slots=True)
 class Usage:
     cpu_time: float
+    model_cpu_time: float | None
     wall_clock_time: float
     turns: int
     window_seconds: float
@@ -28,20 +31,25 @@ class UsageMeter:
         self.window = window
         self.interval = interval
         self._process = psutil.Process()
-        self._cpu_samples: deque[tuple[float, float]] = deque()
+        # Cumulative CPU seconds of the embedded model's processes, when there is one.
+        self.model_cpu: Callable[[], float] | None = None
+        self._samples: deque[tuple[float, float, float]] = deque()
         self._turns: deque[tuple[float, float]] = deque()
         self.sample()
 
-    def _cpu_seconds(self) -> float:
+    def _own_cpu(self) -> float:
         times = self._process.cpu_times()
         return times.user + times.system
 
+    def _model_cpu(self) -> float:
+        return self.model_cpu() if self.model_cpu is not None else 0.0
+
     def sample(self) -> None:
         now = time.monotonic()
-        self._cpu_samples.append((now, self._cpu_seconds()))
+        self._samples.append((now, self._own_cpu(), self._model_cpu()))
         # Keep one sample at or before the window's start, to measure from it.
-        while len(self._cpu_samples) > 1 and self._cpu_samples[1][0] <= now - self.window:
-            self._cpu_samples.popleft()
+        while len(self._samples) > 1 and self._samples[1][0] <= now - self.window:
+            self._samples.popleft()
 
     def record_turn(self, seconds: float) -> None:
         self._turns.append((time.monotonic(), seconds))
@@ -50,13 +58,14 @@ class UsageMeter:
         now = time.monotonic()
         while self._turns and self._turns[0][0] < now - self.window:
             self._turns.popleft()
-        start = self._cpu_samples[0][1]
-        for taken_at, cpu in self._cpu_samples:
-            if taken_at >= now - self.window:
-                start = cpu
-                break
+        _, own_start, model_start = next(
+            (s for s in self._samples if s[0] >= now - self.window), self._samples[-1]
+        )
         return Usage(
-            cpu_time=max(0.0, self._cpu_seconds() - start),
+            cpu_time=max(0.0, self._own_cpu() - own_start),
+            model_cpu_time=(
+                max(0.0, self._model_cpu() - model_start) if self.model_cpu is not None else None
+            ),
             wall_clock_time=sum(seconds for _, seconds in self._turns),
             turns=len(self._turns),
             window_seconds=self.window,

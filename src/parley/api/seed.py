@@ -33,7 +33,11 @@ class ChatMessage(BaseModel):
 
 
 class Times(BaseModel):
-    cpu_time: float = Field(description="CPU seconds this process used in the window.")
+    cpu_time: float = Field(description="CPU seconds Parley's process used in the window.")
+    model_cpu_time: float | None = Field(
+        description="CPU seconds the embedded model's process used in the window "
+        "(null when the model is a remote provider)."
+    )
     wall_clock_time: float = Field(description="Seconds the turns finished in the window took.")
     turns: int = Field(description="Turns finished in the window.")
     window_seconds: float
@@ -96,6 +100,7 @@ async def times(request: Request) -> Times:
     usage = request.app.state.usage.snapshot()
     return Times(
         cpu_time=usage.cpu_time,
+        model_cpu_time=usage.model_cpu_time,
         wall_clock_time=usage.wall_clock_time,
         turns=usage.turns,
         window_seconds=usage.window_seconds,

@@ -88,6 +88,9 @@ async function refreshTimes() {
     const times = await response.json();
     $("cpu-time").textContent = `${times.cpu_time.toFixed(2)} s`;
     $("wall-time").textContent = `${times.wall_clock_time.toFixed(2)} s`;
+    const local = typeof times.model_cpu_time === "number";
+    $("model-cpu").hidden = !local;
+    if (local) $("model-cpu-time").textContent = `${times.model_cpu_time.toFixed(2)} s`;
   } catch { /* the next tick tries again */ }
 }
 
