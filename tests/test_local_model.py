@@ -8,8 +8,14 @@ from collections.abc import Callable
 
 import httpx
 import psutil
+from llama_cpp import Llama
 
+from parley.config import Settings
 from tests.conftest import ParleyServer, unique
+
+
+def tokenizer() -> Llama:
+    return Llama(model_path=str(Settings().local_model_path), vocab_only=True, verbose=False)
 
 
 def model_process(server: ParleyServer) -> psutil.Process:
@@ -20,17 +26,19 @@ def model_process(server: ParleyServer) -> psutil.Process:
 def test_parley_chats_with_the_real_model_with_no_configuration(
     make_server: Callable[..., ParleyServer],
 ) -> None:
-    server = make_server(local_model=True, PARLEY_MAX_REPLY_TOKENS="48").start()
-    user = unique()
+    server = make_server(
+        local_model=True, PARLEY_MAX_REPLY_TOKENS="48", PARLEY_TEMPERATURE="0"
+    ).start()
+    user, question = unique(), "Write a long story about a pirate ship."
     with server.client(timeout=120) as http:
-        response = http.post(
-            "/chat", json={"message": "What is the capital of France?", "username": user}
-        )
+        response = http.post("/chat", json={"message": question, "username": user})
         assert response.status_code == 200
         reply = response.json()["content"]
         assert reply.strip()
+        # The reply limit reaches llama.cpp: a long story is cut at 48 tokens.
+        assert 30 <= len(tokenizer().tokenize(reply.encode(), add_bos=False)) <= 49
         assert http.get(f"/history/{user}").json() == [
-            {"content": "What is the capital of France?", "isUser": True},
+            {"content": question, "isUser": True},
             {"content": reply, "isUser": False},
         ]
         times = http.get("/times").json()

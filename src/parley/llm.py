@@ -43,6 +43,11 @@ def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpen
         timeout=settings.llm_timeout,
         temperature=settings.temperature,
         max_completion_tokens=settings.reply_token_limit,
+        # llama.cpp's server reads only the older name of the limit (OpenAI rejects a
+        # request that carries both, so only the embedded model is sent it).
+        extra_body={"max_tokens": settings.reply_token_limit}
+        if base_url and settings.reply_token_limit
+        else None,
         # Retries belong to the DBOS step around the call, where they are durable and
         # visible; the client retrying inside a step would multiply them.
         max_retries=0,
