@@ -7,7 +7,8 @@ directives:
 - ``[hang]``: hold the answer until ``release()`` is called (or a minute passes);
 - ``[fail:CODE]``: answer every attempt with HTTP CODE;
 - ``[fail-once:CODE]``: answer the first attempt at this message with HTTP CODE;
-- ``[delay:SECONDS]``: wait before answering.
+- ``[delay:SECONDS]``: wait before answering;
+- ``[slow:SECONDS]``: when streaming, wait this long before each word after the first.
 
 The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to stream.
 """
@@ -30,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay)(?::([0-9.]+))?\]")
+_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow)(?::([0-9.]+))?\]")
 
 
 @dataclass
@@ -92,7 +93,12 @@ class FakeProvider:
         content = reply_for(text)
         model = body.get("model", "fake")
         if call.stream:
-            return StreamingResponse(self._chunks(content, model), media_type="text/event-stream")
+            pause = next(
+                (float(arg) for name, arg in _DIRECTIVE.findall(text) if name == "slow"), 0
+            )
+            return StreamingResponse(
+                self._chunks(content, model, pause), media_type="text/event-stream"
+            )
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
@@ -110,9 +116,11 @@ class FakeProvider:
             }
         )
 
-    async def _chunks(self, content: str, model: str) -> AsyncIterator[str]:
+    async def _chunks(self, content: str, model: str, pause: float) -> AsyncIterator[str]:
         words = content.split(" ")
         for index, word in enumerate(words):
+            if index and pause:
+                await asyncio.sleep(pause)
             piece = word if index == 0 else " " + word
             chunk = {
                 "id": "chatcmpl-fake",

@@ -9,6 +9,15 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.api_client import (
+    as_user,
+    messages,
+    new_conversation,
+    send,
+    send_and_finish,
+    stream,
+    text_of,
+)
 from tests.conftest import BACKENDS, ParleyServer, unique
 from tests.fake_provider import FakeProvider, reply_for
 
@@ -105,3 +114,45 @@ def test_history_and_memory_survive_a_restart(
         assert http.post("/chat", json={"message": after, "username": user}).status_code == 200
     (call,) = provider.calls_for(after)
     assert [m["content"] for m in call.messages[1:]] == [before, reply_for(before), after]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_streaming_turn_killed_mid_reply_completes_once_after_restart(
+    make_server: Callable[..., ParleyServer],
+    database_url: str | None,
+    provider: FakeProvider,
+) -> None:
+    server = make_server(database_url, PARLEY_STREAM_FLUSH_SECONDS="0.2").start()
+    user = unique()
+    question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(30)))
+    with as_user(server.client(), user) as http:
+        conversation = new_conversation(http)
+        turn_id = send(http, conversation, question)
+        seen = []
+        for event in stream(http, turn_id):
+            seen.append(event)
+            if len(seen) == 8:
+                break
+    server.kill()
+
+    server.start()
+    with as_user(server.client(), user) as http:
+        rest = list(stream(http, turn_id, after=seen[-1].id))
+        # The model was asked again: the stream says so before the new text.
+        assert "reset" in [event.event for event in rest]
+        assert rest[-1].event == "done"
+        assert text_of(seen + rest) == reply_for(question)
+        assert text_of(list(stream(http, turn_id))) == reply_for(question)
+        assert [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)] == [
+            ("user", question, "complete"),
+            ("assistant", reply_for(question), "complete"),
+        ]
+        follow_up = unique("and then?")
+        send_and_finish(http, conversation, follow_up)
+    assert len(provider.calls_for(question)) == 2
+    (call,) = provider.calls_for(follow_up)
+    assert [(m["role"], m["content"]) for m in call.messages[1:]] == [
+        ("user", question),
+        ("assistant", reply_for(question)),
+        ("user", follow_up),
+    ]

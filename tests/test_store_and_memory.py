@@ -13,6 +13,8 @@ from parley.config import Settings
 from parley.llm import make_chat_model
 from parley.memory import open_memory
 from parley.store import (
+    ConversationBusy,
+    ConversationNotFound,
     Store,
     ensure_postgres_database,
     messages,
@@ -54,12 +56,82 @@ async def test_writing_a_turn_twice_stores_it_once(store: Store) -> None:
     owner = unique()
     conversation = seed_conversation_id(owner)
     for _ in range(2):
-        await store.add_user_message(
-            owner=owner, conversation_id=conversation, turn_id="t1", content="hi"
+        await store.begin_turn(
+            owner=owner,
+            conversation_id=conversation,
+            turn_id="t1",
+            content="hi",
+            create_conversation=True,
         )
-        await store.add_reply(conversation_id=conversation, turn_id="t1", content="ahoy")
+        await store.finish_reply("t1", content="ahoy", status="complete")
     history = await store.history(conversation)
-    assert [(m.role, m.content) for m in history] == [("user", "hi"), ("assistant", "ahoy")]
+    assert [(m.role, m.content, m.status) for m in history] == [
+        ("user", "hi", "complete"),
+        ("assistant", "ahoy", "complete"),
+    ]
+    # The first message names the conversation.
+    (listed,) = await store.conversations(owner, limit=10)
+    assert listed.title == "hi"
+
+
+async def test_one_reply_at_a_time_per_conversation(store: Store) -> None:
+    owner = unique()
+    conversation = (await store.create_conversation(owner)).id
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="a", content="1")
+    with pytest.raises(ConversationBusy) as busy:
+        await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="b", content="2")
+    assert busy.value.turn_id == "a"
+    # Nothing of the refused turn was stored; the running one may begin again harmlessly.
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="a", content="1")
+    assert [m.turn_id for m in await store.messages(conversation, limit=10)] == ["a", "a"]
+    await store.finish_reply("a", content="done", status="complete")
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="b", content="2")
+    assert len(await store.messages(conversation, limit=10)) == 4
+
+
+async def test_a_conversation_is_only_its_owners(store: Store) -> None:
+    owner, other = unique(), unique()
+    conversation = (await store.create_conversation(owner, "Mine")).id
+    with pytest.raises(ConversationNotFound):
+        await store.begin_turn(owner=other, conversation_id=conversation, turn_id="x", content="hi")
+    with pytest.raises(ConversationNotFound):
+        await store.conversation(other, conversation)
+    with pytest.raises(ConversationNotFound):
+        await store.rename_conversation(other, conversation, "Theirs")
+    with pytest.raises(ConversationNotFound):
+        await store.delete_conversation(other, conversation)
+    assert (await store.conversation(owner, conversation)).title == "Mine"
+    assert await store.messages(conversation, limit=10) == []
+
+
+async def test_model_runs_count_epochs_and_see_stop_requests(store: Store) -> None:
+    owner = unique()
+    conversation = (await store.create_conversation(owner)).id
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="t", content="hi")
+    assert (await store.start_model_run("t")).epoch == 1
+    assert not await store.stop_requested("t")
+    await store.request_stop("t")
+    started = await store.start_model_run("t")
+    assert (started.epoch, started.stop_requested) == (2, True)
+    assert await store.finish_reply("t", content="", status="stopped") == 2
+    await store.delete_conversation(owner, conversation)
+    assert await store.stop_requested("t")  # a deleted turn is stopped too
+    assert await store.finish_reply("t", content="late", status="complete") is None
+
+
+async def test_message_pages_walk_back_in_time(store: Store) -> None:
+    owner = unique()
+    conversation = (await store.create_conversation(owner)).id
+    for index in range(5):
+        turn = f"p{index}"
+        await store.begin_turn(
+            owner=owner, conversation_id=conversation, turn_id=turn, content=str(index)
+        )
+        await store.finish_reply(turn, content=f"r{index}", status="complete")
+    latest = await store.messages(conversation, limit=4)
+    assert [m.content for m in latest] == ["3", "r3", "4", "r4"]
+    earlier = await store.messages(conversation, limit=4, before=latest[0].id)
+    assert [m.content for m in earlier] == ["1", "r1", "2", "r2"]
 
 
 async def test_history_reads_use_the_conversation_index(store: Store) -> None:
@@ -93,7 +165,7 @@ async def test_answering_a_turn_twice_asks_the_model_once(
         first = await memory.reply("conv", "turn-1", question)
         again = await memory.reply("conv", "turn-1", question)
         remembered = await memory.messages("conv")
-    assert first == again == reply_for(question)
+    assert first.text == again.text == reply_for(question)
     assert len(provider.calls_for(question)) == 1
     assert [(m.type, m.text) for m in remembered] == [
         ("human", question),
@@ -127,3 +199,36 @@ async def test_the_model_sees_a_bounded_window(settings: Settings, provider: Fak
     assert shown[0].startswith("You talk like a pirate")
     # The last four messages, less the reply that would open the window.
     assert shown[1:] == [texts[3], reply_for(texts[3]), texts[4]]
+
+
+class StopAfter:
+    """A sink that keeps the pieces it is given and asks to stop after some of them."""
+
+    def __init__(self, pieces: int) -> None:
+        self.limit = pieces
+        self.pieces: list[str] = []
+
+    async def token(self, text: str) -> None:
+        self.pieces.append(text)
+
+    @property
+    def stopped(self) -> bool:
+        return len(self.pieces) >= self.limit
+
+
+async def test_a_stopped_reply_is_remembered_as_far_as_it_went(
+    settings: Settings, provider: FakeProvider
+) -> None:
+    question = unique("tell me a long tale")
+    sink = StopAfter(3)
+    async with open_memory(settings, make_chat_model(settings)) as memory:
+        reply = await memory.reply("conv", "turn-1", question, sink=sink)
+        remembered = await memory.messages("conv")
+        so_far = await memory.reply_so_far("conv", "turn-1")
+    assert reply.stopped
+    assert reply.text == "".join(sink.pieces) == "Arr! You said:"
+    assert reply_for(question).startswith(reply.text)
+    assert [m.text for m in remembered] == [question, reply.text]
+    assert so_far == reply.text
+    (call,) = provider.calls_for(question)
+    assert call.stream

@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from parley import __version__, store, turns
-from parley.api import seed
+from parley.api import conversations, seed
 from parley.config import Settings
 from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.usage = UsageMeter()
     app.state.local_model = None
     app.include_router(seed.router)
+    app.include_router(conversations.router)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

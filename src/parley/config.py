@@ -62,6 +62,13 @@ class Settings(BaseSettings):
 
     max_message_chars: int = Field(default=16_000, ge=1)
 
+    # Streaming: a reply's pieces reach readers in this process at once, and its durable
+    # stream (for other processes, and after a crash) at most this often.
+    stream_flush_seconds: float = Field(default=1.0, ge=0)
+    # How often a reply being written checks the database for a stop that a client of
+    # another replica asked for (a stop asked of this process acts at once).
+    stop_poll_seconds: float = Field(default=1.0, gt=0)
+
     # DBOS recovers, at start, the unfinished turns of its own executor id. Each replica
     # sharing one PostgreSQL needs a stable id of its own.
     executor_id: str = "local"

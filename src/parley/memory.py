@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
@@ -29,6 +31,26 @@ from parley.config import Settings
 
 # LangGraph's tables on PostgreSQL live in a schema of their own, apart from ours and DBOS's.
 POSTGRES_SCHEMA = "langgraph"
+
+
+class ReplySink(Protocol):
+    """Where a streamed reply's pieces go as the model writes them."""
+
+    async def token(self, text: str) -> None: ...
+
+    @property
+    def stopped(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    stopped: bool = False
+
+
+# The sink of the turn being answered. A context variable rather than graph config, so
+# that it never reaches the checkpointer (which stores config values with checkpoints).
+_sink: ContextVar[ReplySink | None] = ContextVar("parley_reply_sink", default=None)
 
 
 def user_message_id(turn_id: str) -> str:
@@ -51,6 +73,7 @@ class Memory:
         self.model = model
         self.system_prompt = system_prompt
         self.max_messages = max_messages
+        self.checkpointer = checkpointer
         self.graph = self._build(checkpointer)
 
     def _build(self, checkpointer: BaseCheckpointSaver[Any]) -> CompiledStateGraph[Any]:
@@ -58,10 +81,33 @@ class Memory:
             reply_id = reply_message_id(config["configurable"]["turn_id"])
             if state["messages"] and state["messages"][-1].id == reply_id:
                 return {}  # answered before a crash: the checkpoint already holds the reply
-            response = await self.model.ainvoke(
-                [SystemMessage(self.system_prompt), *self._window(state["messages"])]
-            )
-            return {"messages": [AIMessage(content=response.text, id=reply_id)]}
+            prompt = [SystemMessage(self.system_prompt), *self._window(state["messages"])]
+            sink = _sink.get()
+            if sink is None:
+                text = (await self.model.ainvoke(prompt)).text
+                return {"messages": [AIMessage(content=text, id=reply_id)]}
+            parts: list[str] = []
+            stopped = False
+            async for chunk in self.model.astream(prompt):
+                if sink.stopped:
+                    # Leaving the loop closes the provider's stream, ending its generation.
+                    stopped = True
+                    break
+                if piece := chunk.text:
+                    parts.append(piece)
+                    await sink.token(piece)
+            if stopped and not parts:
+                return {}
+            # What the user saw is what the model remembers, a stopped reply included.
+            return {
+                "messages": [
+                    AIMessage(
+                        content="".join(parts),
+                        id=reply_id,
+                        response_metadata={"stopped": stopped},
+                    )
+                ]
+            }
 
         builder = StateGraph(MessagesState)
         builder.add_node("model", call_model)
@@ -82,13 +128,36 @@ class Memory:
     def _config(conversation_id: str, turn_id: str) -> RunnableConfig:
         return {"configurable": {"thread_id": conversation_id, "turn_id": turn_id}}
 
-    async def reply(self, conversation_id: str, turn_id: str, text: str) -> str:
-        """The model's answer to ``text`` in this conversation, remembered with it."""
-        result = await self.graph.ainvoke(
-            {"messages": [HumanMessage(text, id=user_message_id(turn_id))]},
-            self._config(conversation_id, turn_id),
-        )
-        return result["messages"][-1].text
+    async def reply(
+        self, conversation_id: str, turn_id: str, text: str, sink: ReplySink | None = None
+    ) -> Reply:
+        """The model's answer to ``text`` in this conversation, remembered with it.
+
+        With a ``sink``, the answer is streamed into it and stops when it says so.
+        """
+        token = _sink.set(sink)
+        try:
+            result = await self.graph.ainvoke(
+                {"messages": [HumanMessage(text, id=user_message_id(turn_id))]},
+                self._config(conversation_id, turn_id),
+            )
+        finally:
+            _sink.reset(token)
+        last = result["messages"][-1]
+        if last.id != reply_message_id(turn_id):
+            return Reply("", stopped=True)  # stopped before the model wrote anything
+        return Reply(last.text, stopped=bool(last.response_metadata.get("stopped")))
+
+    async def reply_so_far(self, conversation_id: str, turn_id: str) -> str:
+        """This turn's reply as the model's memory holds it ("" when there is none)."""
+        for message in reversed(await self.messages(conversation_id)):
+            if message.id == reply_message_id(turn_id):
+                return message.text
+        return ""
+
+    async def delete(self, conversation_id: str) -> None:
+        """Forget a conversation entirely."""
+        await self.checkpointer.adelete_thread(conversation_id)
 
     async def forget(self, conversation_id: str, turn_id: str) -> None:
         """Drop a failed turn's user message, so the next turn does not see it unanswered."""

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from alembic import command
@@ -24,6 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from parley.config import Settings
 
 Role = Literal["user", "assistant"]
+Status = Literal["complete", "streaming", "stopped", "failed"]
+
+DEFAULT_TITLE = "New chat"
+TITLE_MAX_CHARS = 200
+# A conversation named after its first message takes this much of it.
+_AUTO_TITLE_CHARS = 60
 
 metadata = sa.MetaData()
 
@@ -32,9 +38,12 @@ conversations = sa.Table(
     metadata,
     sa.Column("id", sa.String(36), primary_key=True),
     sa.Column("owner", sa.String(64), nullable=False),
-    sa.Column("title", sa.String(200), nullable=False, server_default=""),
+    # Empty until the first message names it (or the owner does).
+    sa.Column("title", sa.String(TITLE_MAX_CHARS), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_conversations_owner_created", "owner", "created_at"),
+    sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 
 messages = sa.Table(
@@ -52,10 +61,21 @@ messages = sa.Table(
     sa.Column("content", sa.Text(), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, server_default="complete"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("epochs", sa.Integer(), nullable=False, server_default="0"),
     # One user message and one reply per turn: what makes a re-run step harmless.
     sa.UniqueConstraint("turn_id", "role", name="uq_messages_turn_role"),
     # History reads walk one conversation in id order.
     sa.Index("ix_messages_conversation_id", "conversation_id", "id"),
+    # One reply in progress per conversation.
+    sa.Index(
+        "uq_messages_one_streaming",
+        "conversation_id",
+        unique=True,
+        sqlite_where=sa.text("status = 'streaming'"),
+        postgresql_where=sa.text("status = 'streaming'"),
+    ),
 )
 
 _SEED_NAMESPACE = uuid.UUID("5b0d5f5e-3f0c-4d8e-9a51-6a2f0c7d2e11")
@@ -69,10 +89,85 @@ def seed_conversation_id(username: str) -> str:
     return str(uuid.uuid5(_SEED_NAMESPACE, username))
 
 
+class ConversationNotFound(Exception):
+    """No such conversation, or not the caller's: the two are not told apart."""
+
+
+class ConversationBusy(Exception):
+    """A reply is still being written in the conversation."""
+
+    def __init__(self, turn_id: str) -> None:
+        super().__init__(turn_id)
+        self.turn_id = turn_id
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
+    id: int
+    turn_id: str
     role: Role
     content: str
+    status: Status
+    created_at: datetime
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """What the API needs to know about a turn: whose it is and how its reply stands."""
+
+    turn_id: str
+    conversation_id: str
+    owner: str
+    text: str
+    reply_status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The first step of a model run: its epoch, and whether a stop came first."""
+
+    epoch: int
+    stop_requested: bool
+
+
+def _title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= _AUTO_TITLE_CHARS else line[: _AUTO_TITLE_CHARS - 1] + "…"
+
+
+def _conversation(row: sa.Row[Any]) -> Conversation:
+    return Conversation(
+        id=row.id,
+        title=row.title or DEFAULT_TITLE,
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+    )
+
+
+def _message(row: sa.Row[Any]) -> Message:
+    return Message(
+        id=row.id,
+        turn_id=row.turn_id,
+        role=row.role,
+        content=row.content,
+        status=row.status,
+        created_at=_aware(row.created_at),
+        error=row.error,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything Parley stores is UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 class Store:
@@ -94,58 +189,288 @@ class Store:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def add_user_message(
-        self, *, owner: str, conversation_id: str, turn_id: str, content: str
-    ) -> None:
-        """Store a turn's user message, creating the conversation on first use."""
-        now = datetime.now(UTC)
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                self._insert(conversations)
-                .values(id=conversation_id, owner=owner, title="", created_at=now)
-                .on_conflict_do_nothing(index_elements=["id"])
-            )
-            await conn.execute(self._message_insert(conversation_id, turn_id, "user", content, now))
+    # --- Conversations ---------------------------------------------------------------
 
-    async def add_reply(self, *, conversation_id: str, turn_id: str, content: str) -> None:
+    async def create_conversation(self, owner: str, title: str | None = None) -> Conversation:
+        now = datetime.now(UTC)
+        conversation_id = str(uuid.uuid4())
         async with self.engine.begin() as conn:
             await conn.execute(
-                self._message_insert(
-                    conversation_id, turn_id, "assistant", content, datetime.now(UTC)
+                conversations.insert().values(
+                    id=conversation_id,
+                    owner=owner,
+                    title=title or "",
+                    created_at=now,
+                    updated_at=now,
                 )
             )
+        return Conversation(conversation_id, title or DEFAULT_TITLE, now, now)
 
-    def _message_insert(
-        self, conversation_id: str, turn_id: str, role: Role, content: str, now: datetime
-    ) -> sa.Executable:
-        return (
-            self._insert(messages)
-            .values(
-                conversation_id=conversation_id,
-                turn_id=turn_id,
-                role=role,
-                content=content,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["turn_id", "role"])
+    async def conversations(
+        self, owner: str, *, limit: int, before: datetime | None = None
+    ) -> list[Conversation]:
+        """The owner's conversations, the most recently active first."""
+        query = (
+            sa.select(conversations)
+            .where(conversations.c.owner == owner)
+            .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+            .limit(limit)
         )
+        if before is not None:
+            query = query.where(conversations.c.updated_at < before)
+        async with self.engine.connect() as conn:
+            return [_conversation(row) for row in await conn.execute(query)]
+
+    async def conversation(self, owner: str, conversation_id: str) -> Conversation:
+        query = sa.select(conversations).where(
+            conversations.c.id == conversation_id, conversations.c.owner == owner
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).one_or_none()
+        if row is None:
+            raise ConversationNotFound(conversation_id)
+        return _conversation(row)
+
+    async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                conversations.update()
+                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                .values(title=title)
+            )
+        if result.rowcount == 0:
+            raise ConversationNotFound(conversation_id)
+
+    async def streaming_turns(self, conversation_id: str) -> list[str]:
+        query = sa.select(messages.c.turn_id).where(
+            messages.c.conversation_id == conversation_id, messages.c.status == "streaming"
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        async with self.engine.begin() as conn:
+            # Locked first, as everywhere, so the deletion cannot deadlock with a turn.
+            owned = await conn.execute(
+                sa.select(conversations.c.id)
+                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                .with_for_update()
+            )
+            if owned.one_or_none() is None:
+                raise ConversationNotFound(conversation_id)
+            # Stop any reply still being written before its rows go.
+            await conn.execute(
+                messages.update()
+                .where(
+                    messages.c.conversation_id == conversation_id,
+                    messages.c.status == "streaming",
+                )
+                .values(stop_requested=True)
+            )
+            await conn.execute(
+                messages.delete().where(messages.c.conversation_id == conversation_id)
+            )
+            await conn.execute(conversations.delete().where(conversations.c.id == conversation_id))
+
+    # --- Messages --------------------------------------------------------------------
+
+    async def begin_turn(
+        self,
+        *,
+        owner: str,
+        conversation_id: str,
+        turn_id: str,
+        content: str,
+        create_conversation: bool = False,
+    ) -> None:
+        """Store a turn's user message and an empty reply being written, in one transaction.
+
+        Idempotent on the turn id: beginning a turn that exists changes nothing. Raises
+        ``ConversationNotFound`` if the conversation is not the owner's (or, unless
+        ``create_conversation``, does not exist) and ``ConversationBusy`` if another
+        reply is still being written in it.
+        """
+        now = datetime.now(UTC)
+        try:
+            async with self.engine.begin() as conn:
+                if create_conversation:
+                    await conn.execute(
+                        self._insert(conversations)
+                        .values(
+                            id=conversation_id,
+                            owner=owner,
+                            title="",
+                            created_at=now,
+                            updated_at=now,
+                        )
+                        .on_conflict_do_nothing(index_elements=["id"])
+                    )
+                updated = await conn.execute(
+                    conversations.update()
+                    .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                    .values(
+                        updated_at=now,
+                        title=sa.case(
+                            (conversations.c.title == "", _title_from(content)),
+                            else_=conversations.c.title,
+                        ),
+                    )
+                )
+                if updated.rowcount == 0:
+                    raise ConversationNotFound(conversation_id)
+                for role, text, status in (
+                    ("user", content, "complete"),
+                    ("assistant", "", "streaming"),
+                ):
+                    await conn.execute(
+                        self._insert(messages)
+                        .values(
+                            conversation_id=conversation_id,
+                            turn_id=turn_id,
+                            role=role,
+                            content=text,
+                            status=status,
+                            created_at=now,
+                        )
+                        .on_conflict_do_nothing(index_elements=["turn_id", "role"])
+                    )
+        except sa.exc.IntegrityError:
+            # Only the one-reply-in-progress index can object: turn ids are handled above.
+            busy = await self.streaming_turns(conversation_id)
+            raise ConversationBusy(busy[0] if busy else "") from None
+
+    async def fail_orphan(self, turn_id: str, error: str) -> None:
+        """Mark a reply that no workflow will ever write as failed."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                messages.update()
+                .where(
+                    messages.c.turn_id == turn_id,
+                    messages.c.role == "assistant",
+                    messages.c.status == "streaming",
+                )
+                .values(status="failed", error=error)
+            )
+
+    async def start_model_run(self, turn_id: str) -> Started:
+        """Count one more run of the model for this turn; its number is the new epoch."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    messages.update()
+                    .where(messages.c.turn_id == turn_id, messages.c.role == "assistant")
+                    .values(epochs=messages.c.epochs + 1)
+                    .returning(messages.c.epochs, messages.c.stop_requested)
+                )
+            ).one_or_none()
+        if row is None:  # the conversation was deleted
+            return Started(epoch=1, stop_requested=True)
+        return Started(epoch=row.epochs, stop_requested=row.stop_requested)
+
+    async def stop_requested(self, turn_id: str) -> bool:
+        query = sa.select(messages.c.stop_requested).where(
+            messages.c.turn_id == turn_id, messages.c.role == "assistant"
+        )
+        async with self.engine.connect() as conn:
+            # A deleted conversation stops its reply too.
+            return (await conn.execute(query)).scalar_one_or_none() in (True, None)
+
+    async def request_stop(self, turn_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                messages.update()
+                .where(
+                    messages.c.turn_id == turn_id,
+                    messages.c.role == "assistant",
+                    messages.c.status == "streaming",
+                )
+                .values(stop_requested=True)
+            )
+
+    async def finish_reply(
+        self, turn_id: str, *, content: str, status: Status, error: str | None = None
+    ) -> int | None:
+        """Store a turn's final reply; its number of model runs, or None if it is gone."""
+        async with self.engine.begin() as conn:
+            # The conversation first, then the message: the order ``begin_turn`` locks them
+            # in, so that the two cannot deadlock on PostgreSQL.
+            await conn.execute(
+                conversations.update()
+                .where(
+                    conversations.c.id
+                    == sa.select(messages.c.conversation_id)
+                    .where(messages.c.turn_id == turn_id, messages.c.role == "assistant")
+                    .scalar_subquery()
+                )
+                .values(updated_at=datetime.now(UTC))
+            )
+            epochs = (
+                await conn.execute(
+                    messages.update()
+                    .where(messages.c.turn_id == turn_id, messages.c.role == "assistant")
+                    .values(content=content, status=status, error=error)
+                    .returning(messages.c.epochs)
+                )
+            ).scalar_one_or_none()
+            return None if epochs is None else int(epochs)
+
+    async def message(self, turn_id: str, role: Role) -> Message | None:
+        query = sa.select(messages).where(messages.c.turn_id == turn_id, messages.c.role == role)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).one_or_none()
+        return None if row is None else _message(row)
+
+    async def messages(
+        self, conversation_id: str, *, limit: int, before: int | None = None
+    ) -> list[Message]:
+        """Up to ``limit`` messages before id ``before`` (or the latest), oldest first."""
+        query = (
+            sa.select(messages)
+            .where(messages.c.conversation_id == conversation_id)
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        if before is not None:
+            query = query.where(messages.c.id < before)
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(query))
+        return [_message(row) for row in reversed(rows)]
 
     async def history(self, conversation_id: str) -> list[Message]:
+        """The messages the example's ``/history`` shows: everything but empty replies."""
         query = (
-            sa.select(messages.c.role, messages.c.content)
-            .where(messages.c.conversation_id == conversation_id)
+            sa.select(messages)
+            .where(
+                messages.c.conversation_id == conversation_id,
+                sa.or_(messages.c.role == "user", messages.c.content != ""),
+            )
             .order_by(messages.c.id)
         )
         async with self.engine.connect() as conn:
-            rows = await conn.execute(query)
-            return [Message(role=row.role, content=row.content) for row in rows]
+            return [_message(row) for row in await conn.execute(query)]
 
-    async def turn_message(self, turn_id: str, role: Role) -> str | None:
-        query = sa.select(messages.c.content).where(
-            messages.c.turn_id == turn_id, messages.c.role == role
+    async def turn(self, turn_id: str) -> Turn | None:
+        user = messages.alias("user_message")
+        reply = messages.alias("reply")
+        query = (
+            sa.select(
+                user.c.conversation_id,
+                user.c.content,
+                conversations.c.owner,
+                reply.c.status,
+            )
+            .select_from(
+                user.join(conversations, conversations.c.id == user.c.conversation_id).join(
+                    reply, sa.and_(reply.c.turn_id == user.c.turn_id, reply.c.role == "assistant")
+                )
+            )
+            .where(user.c.turn_id == turn_id, user.c.role == "user")
         )
         async with self.engine.connect() as conn:
-            return (await conn.execute(query)).scalar_one_or_none()
+            row = (await conn.execute(query)).one_or_none()
+        if row is None:
+            return None
+        return Turn(turn_id, row.conversation_id, row.owner, row.content, row.status)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

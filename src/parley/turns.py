@@ -1,26 +1,35 @@
 """One chat turn as a DBOS durable workflow.
 
-store the user's message  ->  ask the model (through the memory graph)  ->  store the reply
+    request:   store the user's message and an empty reply "streaming"; start the workflow
+    workflow:  ask the model (through the memory graph)  ->  store the reply  ->  end event
 
-Each arrow is a recorded step. After a crash DBOS runs the workflow again under the same
-id: finished steps return their recorded results instead of running (so a recorded model
-answer is never asked for again), and the writes are idempotent on the turn id, so a step
-that did its write but died before DBOS recorded it stores nothing twice.
+The request stores the user's message before the workflow starts, in the same transaction
+that claims the conversation for this turn, so a turn the client was told about always
+has its message. In the workflow each arrow is a recorded step. After a crash DBOS runs
+the workflow again under the same id: finished steps return their recorded results
+instead of running (so a recorded model answer is never asked for again), and the writes
+are idempotent on the turn id, so a step that did its write but died before DBOS recorded
+it stores nothing twice.
+
+A streaming turn also writes its reply, piece by piece, to its event stream
+(``parley.streams``), from which any process can serve it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-from dbos import DBOS, SetWorkflowID, StepOptions
+from dbos import DBOS, SetWorkflowID, StepOptions, WorkflowHandleAsync
 from dbos import error as dbos_errors
 
-from parley import llm
+from parley import llm, streams
 from parley.config import Settings
 from parley.memory import Memory
-from parley.store import Store
+from parley.store import ConversationBusy, Message, Store
 from parley.usage import UsageMeter
 
 
@@ -65,16 +74,34 @@ def new_turn_id(owner: str, idempotency_key: str | None = None) -> str:
     return f"turn-{uuid.uuid5(_TURN_NAMESPACE, owner + chr(0) + idempotency_key)}"
 
 
-@DBOS.step()
-async def save_user_message(owner: str, conversation_id: str, turn_id: str, text: str) -> None:
-    await services().store.add_user_message(
-        owner=owner, conversation_id=conversation_id, turn_id=turn_id, content=text
+async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
+    """A step (run by ``chat_turn`` with retry options from the settings).
+
+    Each run of a streaming turn's model step is a new epoch of its event stream.
+    """
+    parts = services()
+    if not stream:
+        reply = await parts.memory.reply(conversation_id, turn_id, text)
+        return {"text": reply.text, "stopped": False}
+    started = await parts.store.start_model_run(turn_id)
+    settings = parts.settings
+    writer = streams.TurnWriter(
+        turn_id,
+        started.epoch,
+        flush_seconds=settings.stream_flush_seconds,
+        stop_poll_seconds=settings.stop_poll_seconds,
+        poll_stop=lambda: parts.store.stop_requested(turn_id),
     )
-
-
-async def ask_model(conversation_id: str, turn_id: str, text: str) -> str:
-    """A step (run by ``chat_turn`` with retry options from the settings)."""
-    return await services().memory.reply(conversation_id, turn_id, text)
+    await writer.begin()
+    if started.stop_requested or writer.stopped:
+        # Stopped before this run began (perhaps before a crash): keep what the model's
+        # memory already holds of the reply, and ask for nothing more.
+        return {"text": await parts.memory.reply_so_far(conversation_id, turn_id), "stopped": True}
+    try:
+        reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+    finally:
+        await writer.flush()
+    return {"text": reply.text, "stopped": reply.stopped}
 
 
 def _ask_model_options(settings: Settings) -> StepOptions:
@@ -89,8 +116,22 @@ def _ask_model_options(settings: Settings) -> StepOptions:
 
 
 @DBOS.step()
-async def save_reply(conversation_id: str, turn_id: str, text: str) -> None:
-    await services().store.add_reply(conversation_id=conversation_id, turn_id=turn_id, content=text)
+async def save_reply(
+    conversation_id: str, turn_id: str, text: str, status: str, error: str | None = None
+) -> int | None:
+    """Store the final reply; the number of model runs, or None if the conversation is gone."""
+    parts = services()
+    epochs = await parts.store.finish_reply(
+        turn_id,
+        content=text,
+        status=status,  # type: ignore[arg-type]
+        error=error,
+    )
+    if epochs is None:
+        # Deleted while the model was writing: the graph may have written its memory
+        # after the deletion did; forget it again.
+        await parts.memory.delete(conversation_id)
+    return epochs
 
 
 @DBOS.step()
@@ -99,30 +140,119 @@ async def forget_failed_turn(conversation_id: str, turn_id: str) -> None:
 
 
 @DBOS.workflow()
-async def chat_turn(owner: str, conversation_id: str, text: str) -> str:
+async def chat_turn(conversation_id: str, text: str, stream: bool) -> str:
     turn_id = DBOS.workflow_id
     assert turn_id is not None
     started = time.monotonic()
     try:
-        await save_user_message(owner, conversation_id, turn_id, text)
         try:
-            reply = await DBOS.run_step_async(
-                _ask_model_options(services().settings), ask_model, conversation_id, turn_id, text
+            outcome = await DBOS.run_step_async(
+                _ask_model_options(services().settings),
+                ask_model,
+                conversation_id,
+                turn_id,
+                text,
+                stream,
             )
-        except dbos_errors.DBOSMaxStepRetriesExceeded as error:
+        except (dbos_errors.DBOSMaxStepRetriesExceeded, *llm.PROVIDER_ERRORS) as error:
+            if isinstance(error, dbos_errors.DBOSMaxStepRetriesExceeded) and error.errors:
+                error = error.errors[-1]
+            detail = llm.describe(error)
             await forget_failed_turn(conversation_id, turn_id)
-            raise TurnFailed(llm.describe(error.errors[-1] if error.errors else error)) from None
-        except llm.PROVIDER_ERRORS as error:  # an answer that asking again cannot change
-            await forget_failed_turn(conversation_id, turn_id)
-            raise TurnFailed(llm.describe(error)) from None
-        await save_reply(conversation_id, turn_id, reply)
-        return reply
+            epochs = await save_reply(conversation_id, turn_id, "", "failed", detail)
+            await streams.finish(
+                turn_id,
+                streams.Event(streams.terminal_id(epochs or 0), "error", {"detail": detail}),
+                durable=stream,
+            )
+            raise TurnFailed(detail) from None
+        status = "stopped" if outcome["stopped"] else "complete"
+        epochs = await save_reply(conversation_id, turn_id, outcome["text"], status)
+        if stream:
+            message = await _final_message(turn_id)
+            await streams.finish(
+                turn_id,
+                streams.Event(
+                    streams.terminal_id(epochs or 0),
+                    "done" if status == "complete" else "stopped",
+                    {"message": message},
+                ),
+            )
+        return str(outcome["text"])
     finally:
         services().usage.record_turn(time.monotonic() - started)
 
 
-async def run_turn(owner: str, conversation_id: str, text: str, turn_id: str) -> str:
-    """Run (or join, when ``turn_id`` already exists) a turn and wait for its reply."""
+async def _final_message(turn_id: str) -> dict[str, Any] | None:
+    message = await services().store.message(turn_id, "assistant")
+    return None if message is None else message_json(message)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as the API shows it (in message lists and in a stream's final event)."""
+    return {
+        "id": message.id,
+        "turn_id": message.turn_id,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        # As pydantic writes a UTC time, so both places show the same text.
+        "created_at": message.created_at.isoformat().replace("+00:00", "Z"),
+        "error": message.error,
+    }
+
+
+async def start_turn(
+    owner: str,
+    conversation_id: str,
+    text: str,
+    turn_id: str,
+    *,
+    stream: bool,
+    create_conversation: bool = False,
+    wait_if_busy: bool = False,
+) -> WorkflowHandleAsync[str]:
+    """Store the user's message and start (or join, when ``turn_id`` exists) its workflow.
+
+    Raises ``ConversationNotFound``, or ``ConversationBusy`` while another reply is being
+    written in the conversation (unless ``wait_if_busy``, which waits for it instead).
+    """
+    store = services().store
+    deadline = time.monotonic() + services().settings.llm_timeout * services().settings.llm_attempts
+    while True:
+        try:
+            await store.begin_turn(
+                owner=owner,
+                conversation_id=conversation_id,
+                turn_id=turn_id,
+                content=text,
+                create_conversation=create_conversation,
+            )
+            break
+        except ConversationBusy as busy:
+            status = await DBOS.get_workflow_status_async(busy.turn_id) if busy.turn_id else None
+            if status is None:
+                # Stored by a request that died before it could start the workflow: no
+                # reply will ever come, so the conversation is not really busy.
+                await store.fail_orphan(busy.turn_id, "The turn was interrupted before it began.")
+                continue
+            if not wait_if_busy or time.monotonic() > deadline:
+                raise
+            with contextlib.suppress(Exception):  # its failure is its own client's news
+                await (await DBOS.retrieve_workflow_async(busy.turn_id)).get_result()
     with SetWorkflowID(turn_id):
-        handle = await DBOS.start_workflow_async(chat_turn, owner, conversation_id, text)
+        return await DBOS.start_workflow_async(chat_turn, conversation_id, text, stream)
+
+
+async def run_turn(owner: str, conversation_id: str, text: str, turn_id: str) -> str:
+    """The example's turn: run (or join) it and wait for its reply."""
+    handle = await start_turn(
+        owner,
+        conversation_id,
+        text,
+        turn_id,
+        stream=False,
+        create_conversation=True,
+        wait_if_busy=True,
+    )
     return await handle.get_result()

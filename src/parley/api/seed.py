@@ -15,7 +15,7 @@ from parley.api.validation import (
     check_message,
     invalid,
 )
-from parley.store import seed_conversation_id
+from parley.store import ConversationBusy, seed_conversation_id
 
 router = APIRouter(tags=["chat"])
 
@@ -52,6 +52,7 @@ class ErrorBody(BaseModel):
     response_model=ChatMessage,
     responses={
         422: {"description": "A field is missing, of the wrong type, empty or too long."},
+        409: {"model": ErrorBody, "description": "An earlier turn still runs after a long wait."},
         502: {"model": ErrorBody, "description": "The model provider failed."},
     },
 )
@@ -70,20 +71,25 @@ async def chat(
     check_message(body.message, request.app.state.settings.max_message_chars, ("body", "message"))
     check_idempotency_key(idempotency_key)
     turn_id = turns.new_turn_id(body.username, idempotency_key)
+    conversation_id = seed_conversation_id(body.username)
     if idempotency_key is not None:
-        earlier = await turns.services().store.turn_message(turn_id, "user")
-        if earlier is not None and earlier != body.message:
+        earlier = await turns.services().store.turn(turn_id)
+        if earlier is not None and (
+            earlier.text != body.message or earlier.conversation_id != conversation_id
+        ):
             raise invalid(
                 ("header", "Idempotency-Key"),
                 "was already used for a different message",
                 "idempotency_key_reused",
             )
     try:
-        reply = await turns.run_turn(
-            body.username, seed_conversation_id(body.username), body.message, turn_id
-        )
+        reply = await turns.run_turn(body.username, conversation_id, body.message, turn_id)
     except turns.TurnFailed as failure:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(failure)) from None
+    except ConversationBusy:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail="An earlier message of yours is still being answered."
+        ) from None
     return ChatMessage(content=reply, isUser=False)
 
 

@@ -1,0 +1,382 @@
+"""Conversations, their messages, and turns whose replies stream (JSON under ``/api``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
+from fastapi import status as http_status
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+
+from parley import streams, turns
+from parley.api.identity import User
+from parley.api.validation import check_idempotency_key, check_message, invalid
+from parley.store import TITLE_MAX_CHARS, ConversationBusy, ConversationNotFound, Turn
+
+router = APIRouter(prefix="/api")
+
+MESSAGES_PAGE = 50
+MESSAGES_PAGE_MAX = 200
+CONVERSATIONS_PAGE_MAX = 200
+
+
+def _check_title(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty or only whitespace")
+    if not value.isprintable():
+        raise ValueError("must not contain control characters")
+    return value
+
+
+Title = Annotated[
+    StrictStr,
+    Field(min_length=1, max_length=TITLE_MAX_CHARS, description="1-200 characters."),
+    AfterValidator(_check_title),
+]
+ConversationId = Annotated[uuid.UUID, Path(description="The conversation's id.")]
+TurnId = Annotated[
+    str,
+    Path(pattern=r"^turn-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"),
+]
+
+
+class NewConversation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: Title | None = None
+
+
+class Rename(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: Title
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConversationPage(BaseModel):
+    conversations: list[ConversationOut]
+    has_more: bool
+
+
+class MessageOut(BaseModel):
+    id: int
+    turn_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    status: Literal["complete", "streaming", "stopped", "failed"]
+    created_at: datetime
+    error: str | None = Field(default=None, description="Why the reply failed, if it did.")
+
+
+class MessagePage(BaseModel):
+    messages: list[MessageOut] = Field(description="Oldest first.")
+    has_more: bool = Field(description="Whether older messages exist (ask with `before`).")
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: StrictStr = Field(description="What the user says.")
+
+
+class TurnStarted(BaseModel):
+    turn_id: str
+    stream_url: str
+
+
+class TurnState(BaseModel):
+    turn_id: str
+    status: Literal["stopping", "complete", "stopped", "failed"]
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+NOT_FOUND = {404: {"model": Problem, "description": "No such conversation of yours."}}
+
+
+def _not_found() -> HTTPException:
+    return HTTPException(http_status.HTTP_404_NOT_FOUND, detail="No such conversation.")
+
+
+def _conversation_out(conversation: Any) -> ConversationOut:
+    return ConversationOut(
+        id=conversation.id,
+        title=conversation.title,
+        created_at=conversation.created_at,
+        updated_at=conversation.updated_at,
+    )
+
+
+# --- Conversations -------------------------------------------------------------------
+
+
+@router.post(
+    "/conversations",
+    status_code=http_status.HTTP_201_CREATED,
+    response_model=ConversationOut,
+    tags=["conversations"],
+)
+async def create_conversation(user: User, body: NewConversation | None = None) -> ConversationOut:
+    """Start a conversation. Without a title it is named after its first message."""
+    store = turns.services().store
+    return _conversation_out(await store.create_conversation(user, body.title if body else None))
+
+
+@router.get("/conversations", response_model=ConversationPage, tags=["conversations"])
+async def list_conversations(
+    user: User,
+    limit: Annotated[int, Query(ge=1, le=CONVERSATIONS_PAGE_MAX)] = 50,
+    before: Annotated[
+        datetime | None,
+        Query(description="Only conversations last active before this time (for paging)."),
+    ] = None,
+) -> ConversationPage:
+    """The caller's conversations, the most recently active first."""
+    found = await turns.services().store.conversations(user, limit=limit + 1, before=before)
+    return ConversationPage(
+        conversations=[_conversation_out(c) for c in found[:limit]], has_more=len(found) > limit
+    )
+
+
+@router.get(
+    "/conversations/{conversation_id}",
+    response_model=ConversationOut,
+    responses=NOT_FOUND,
+    tags=["conversations"],
+)
+async def get_conversation(user: User, conversation_id: ConversationId) -> ConversationOut:
+    try:
+        return _conversation_out(
+            await turns.services().store.conversation(user, str(conversation_id))
+        )
+    except ConversationNotFound:
+        raise _not_found() from None
+
+
+@router.patch(
+    "/conversations/{conversation_id}",
+    response_model=ConversationOut,
+    responses=NOT_FOUND,
+    tags=["conversations"],
+)
+async def rename_conversation(
+    user: User, conversation_id: ConversationId, body: Rename
+) -> ConversationOut:
+    store = turns.services().store
+    try:
+        await store.rename_conversation(user, str(conversation_id), body.title)
+        return _conversation_out(await store.conversation(user, str(conversation_id)))
+    except ConversationNotFound:
+        raise _not_found() from None
+
+
+@router.delete(
+    "/conversations/{conversation_id}",
+    status_code=http_status.HTTP_204_NO_CONTENT,
+    responses=NOT_FOUND,
+    tags=["conversations"],
+)
+async def delete_conversation(user: User, conversation_id: ConversationId) -> Response:
+    """Delete a conversation: its messages, the model's memory of it, everything.
+
+    A reply still being written is stopped.
+    """
+    parts = turns.services()
+    conversation = str(conversation_id)
+    try:
+        await parts.store.conversation(user, conversation)
+        for turn_id in await parts.store.streaming_turns(conversation):
+            streams.request_stop_here(turn_id)
+        await parts.store.delete_conversation(user, conversation)
+    except ConversationNotFound:
+        raise _not_found() from None
+    await parts.memory.delete(conversation)
+    return Response(status_code=http_status.HTTP_204_NO_CONTENT)
+
+
+# --- Messages ------------------------------------------------------------------------
+
+
+@router.get(
+    "/conversations/{conversation_id}/messages",
+    response_model=MessagePage,
+    responses=NOT_FOUND,
+    tags=["conversations"],
+)
+async def list_messages(
+    user: User,
+    conversation_id: ConversationId,
+    limit: Annotated[int, Query(ge=1, le=MESSAGES_PAGE_MAX)] = MESSAGES_PAGE,
+    before: Annotated[
+        int | None, Query(ge=1, description="Only messages older than this message id.")
+    ] = None,
+) -> MessagePage:
+    """A page of the conversation's messages: the latest ones, or those before ``before``.
+
+    A reply being written shows what it holds so far when this process is writing it, and
+    is empty otherwise; its stream has all of it.
+    """
+    store = turns.services().store
+    try:
+        await store.conversation(user, str(conversation_id))
+    except ConversationNotFound:
+        raise _not_found() from None
+    found = await store.messages(str(conversation_id), limit=limit + 1, before=before)
+    page = found[-limit:]
+    out = []
+    for message in page:
+        body = turns.message_json(message)
+        if message.status == "streaming" and (live := streams.live_turn(message.turn_id)):
+            body["content"] = live.text
+        out.append(MessageOut(**body))
+    return MessagePage(messages=out, has_more=len(found) > limit)
+
+
+@router.post(
+    "/conversations/{conversation_id}/messages",
+    status_code=http_status.HTTP_202_ACCEPTED,
+    response_model=TurnStarted,
+    responses={
+        **NOT_FOUND,
+        409: {"model": Problem, "description": "A reply is still being written here."},
+        422: {"description": "Empty or too long, or an idempotency key reused."},
+    },
+    tags=["conversations"],
+)
+async def send_message(
+    user: User,
+    conversation_id: ConversationId,
+    body: NewMessage,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Sending again with the same key returns the same turn."),
+    ] = None,
+) -> TurnStarted:
+    """Start a turn; its reply streams from ``stream_url``."""
+    check_message(body.content, request.app.state.settings.max_message_chars, ("body", "content"))
+    check_idempotency_key(idempotency_key)
+    conversation = str(conversation_id)
+    turn_id = turns.new_turn_id(user, idempotency_key)
+    if idempotency_key is not None:
+        earlier = await turns.services().store.turn(turn_id)
+        if earlier is not None and (
+            earlier.text != body.content or earlier.conversation_id != conversation
+        ):
+            raise invalid(
+                ("header", "Idempotency-Key"),
+                "was already used for a different message",
+                "idempotency_key_reused",
+            )
+    try:
+        await turns.start_turn(user, conversation, body.content, turn_id, stream=True)
+    except ConversationNotFound:
+        raise _not_found() from None
+    except ConversationBusy:
+        raise HTTPException(
+            http_status.HTTP_409_CONFLICT,
+            detail="A reply is still being written in this conversation; wait or stop it.",
+        ) from None
+    return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+
+
+# --- Turns ---------------------------------------------------------------------------
+
+
+async def owned_turn(user: User, turn_id: TurnId) -> Turn:
+    turn = await turns.services().store.turn(turn_id)
+    if turn is None or turn.owner != user:
+        raise HTTPException(http_status.HTTP_404_NOT_FOUND, detail="No such turn.")
+    return turn
+
+
+OwnedTurn = Annotated[Turn, Depends(owned_turn)]
+
+
+def resume_point(
+    last_event_id: Annotated[
+        str | None,
+        Header(description="The id of the last event received: continue after it."),
+    ] = None,
+    after: Annotated[
+        str | None, Query(description="Same as Last-Event-ID, for clients that cannot set it.")
+    ] = None,
+) -> streams.EventId:
+    for location, value in (("header", last_event_id), ("query", after)):
+        if value:
+            try:
+                return streams.EventId.parse(value)
+            except ValueError as error:
+                name = "Last-Event-ID" if location == "header" else "after"
+                raise invalid((location, name), str(error)) from None
+    return streams.START
+
+
+@router.get(
+    "/turns/{turn_id}/stream",
+    response_class=EventSourceResponse,
+    responses={404: {"model": Problem, "description": "No such turn of yours."}},
+    tags=["turns"],
+)
+async def stream_turn(
+    turn: OwnedTurn, after: Annotated[streams.EventId, Depends(resume_point)]
+) -> AsyncIterator[ServerSentEvent]:
+    """The turn's reply as Server-Sent Events.
+
+    ``token`` events carry pieces of text; ``reset`` says the model is answering again
+    and the text so far is void; the stream ends with ``done`` or ``stopped`` (the final
+    message) or ``error`` (a sentence for a person). Reconnecting with ``Last-Event-ID``
+    (or ``?after=``) continues right after that event; a finished turn replays whole.
+    """
+    last = after
+    async for event in streams.read(turn.turn_id, after):
+        last = event.id
+        yield ServerSentEvent(event=event.type, id=str(event.id), data=event.data)
+        if event.terminal:
+            return
+    # The stream ended without an end event: a turn answered without streaming (the
+    # example's /chat), or one that ended abnormally. Its stored reply says how it stands.
+    for event in await _from_stored_reply(turn.turn_id):
+        if event.id > last:
+            yield ServerSentEvent(event=event.type, id=str(event.id), data=event.data)
+
+
+async def _from_stored_reply(turn_id: str) -> list[streams.Event]:
+    message = await turns.services().store.message(turn_id, "assistant")
+    end = streams.EventId(2, 0)
+    if message is None or message.status == "streaming":
+        return [streams.Event(end, "error", {"detail": "The turn ended without a reply."})]
+    if message.status == "failed":
+        return [streams.Event(end, "error", {"detail": message.error or "The turn failed."})]
+    events = []
+    if message.content:
+        events.append(streams.Event(streams.EventId(1, 1), "token", {"text": message.content}))
+    kind = "done" if message.status == "complete" else "stopped"
+    events.append(streams.Event(end, kind, {"message": turns.message_json(message)}))
+    return events
+
+
+@router.post(
+    "/turns/{turn_id}/cancel",
+    response_model=TurnState,
+    responses={404: {"model": Problem, "description": "No such turn of yours."}},
+    tags=["turns"],
+)
+async def cancel_turn(turn: OwnedTurn) -> TurnState:
+    """Stop the reply. What was written is kept (status ``stopped``), and the model's
+    memory holds the same text. Stopping a finished turn changes nothing."""
+    if turn.reply_status != "streaming":
+        return TurnState(turn_id=turn.turn_id, status=turn.reply_status)  # type: ignore[arg-type]
+    await turns.services().store.request_stop(turn.turn_id)
+    streams.request_stop_here(turn.turn_id)
+    return TurnState(turn_id=turn.turn_id, status="stopping")

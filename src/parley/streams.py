@@ -1,0 +1,268 @@
+"""A turn's events: live to readers in this process, durable in a DBOS stream for all.
+
+A streaming turn produces ``token`` events (pieces of the reply), perhaps a ``reset``
+(the model is being asked again, so the text so far is void), and one terminal event:
+``done``, ``error`` or ``stopped``.
+
+Every event has an id ``EPOCH.N``. An epoch is one run of the model step: the first run is
+epoch 1, and a retry or a re-run after a crash starts the next one, which opens with a
+``reset``. Epochs come from a counter in the database, so ids never repeat, even for
+tokens a client saw live that a crash kept from reaching the durable stream. Ids order as
+``(epoch, n)``, which is what makes ``Last-Event-ID`` resumption exact: a reader sends
+everything after the id it was given.
+
+Two paths carry the events:
+
+- **live**: the process running the model step hands each token to readers in the same
+  process at once (``LiveTurn``);
+- **durable**: the step appends tokens to the workflow's DBOS stream in batches, at most
+  one write per ``stream_flush_seconds`` plus one for the reset and one for the end, so a
+  long reply costs a bounded number of writes. A reader in another process, or one that
+  connects after the turn ended, or after a crash, reads this.
+
+A reader takes what it needs from the durable stream (the epochs this process did not run)
+and then follows the live turn, if this process runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dbos import DBOS
+from dbos import error as dbos_errors
+
+logger = logging.getLogger("parley.streams")
+
+STREAM_KEY = "events"
+
+EventType = Literal["token", "reset", "done", "error", "stopped"]
+TERMINAL: frozenset[str] = frozenset({"done", "error", "stopped"})
+
+_EVENT_ID = re.compile(r"^(\d{1,9})\.(\d{1,9})$")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EventId:
+    epoch: int
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.epoch}.{self.n}"
+
+    @classmethod
+    def parse(cls, text: str) -> EventId:
+        match = _EVENT_ID.match(text.strip())
+        if match is None:
+            raise ValueError("must be an event id such as 1.7")
+        return cls(int(match[1]), int(match[2]))
+
+
+START = EventId(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: EventId
+    type: EventType
+    data: dict[str, Any]
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+
+def expand(value: dict[str, Any]) -> list[Event]:
+    """The events in one durable stream value (a batch of tokens, or one event)."""
+    epoch, n = value["epoch"], value["n"]
+    if value["type"] == "token":
+        return [
+            Event(EventId(epoch, n + offset), "token", {"text": text})
+            for offset, text in enumerate(value["texts"])
+        ]
+    return [Event(EventId(epoch, n), value["type"], value.get("data") or {})]
+
+
+class LiveTurn:
+    """The events of a turn that runs in this process, for this process's readers.
+
+    It holds every event from the epoch it was opened in, so a reader that starts late
+    still gets them all; readers wait on a wake-up that each new event replaces.
+    """
+
+    def __init__(self, turn_id: str, first_epoch: int) -> None:
+        self.turn_id = turn_id
+        self.first_epoch = first_epoch
+        self.events: list[Event] = []
+        self.stop_requested = False
+        self._wake = asyncio.Event()
+
+    def publish(self, event: Event) -> None:
+        self.events.append(event)
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+
+    @property
+    def text(self) -> str:
+        """The reply as written so far in the current epoch."""
+        parts: list[str] = []
+        for event in self.events:
+            if event.type == "reset":
+                parts.clear()
+            elif event.type == "token":
+                parts.append(event.data["text"])
+        return "".join(parts)
+
+    async def follow(self, after: EventId) -> AsyncIterator[Event]:
+        index = 0
+        while True:
+            while index < len(self.events):
+                event = self.events[index]
+                index += 1
+                if event.id > after:
+                    yield event
+                if event.terminal:
+                    return
+            await self._wake.wait()
+
+
+_live: dict[str, LiveTurn] = {}
+
+
+def live_turn(turn_id: str) -> LiveTurn | None:
+    return _live.get(turn_id)
+
+
+def request_stop_here(turn_id: str) -> bool:
+    """Stop a turn if this process runs it; whether it does."""
+    live = _live.get(turn_id)
+    if live is None:
+        return False
+    live.stop_requested = True
+    return True
+
+
+@dataclass(slots=True)
+class TurnWriter:
+    """Writes one epoch of a turn's reply: live at once, durable in batches."""
+
+    turn_id: str
+    epoch: int
+    flush_seconds: float
+    stop_poll_seconds: float
+    # Asks the database whether a stop was requested (by a client of another replica).
+    poll_stop: Callable[[], Awaitable[bool]]
+    live: LiveTurn = field(init=False)
+    n: int = 0
+    _batch: list[str] = field(default_factory=list)
+    _batch_start: int = 1
+    _last_flush: float = field(default_factory=time.monotonic)
+    _last_stop_poll: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id, self.epoch))
+
+    @property
+    def stopped(self) -> bool:
+        return self.live.stop_requested
+
+    async def begin(self) -> None:
+        if self.epoch > 1:
+            # Durable before any token of this epoch, so a reader that resumes from an id
+            # in an earlier epoch always learns that its text was void.
+            reset = Event(EventId(self.epoch, 0), "reset", {})
+            await DBOS.write_stream_async(STREAM_KEY, _value(reset))
+            self.live.publish(reset)
+
+    async def token(self, text: str) -> None:
+        self.n += 1
+        self.live.publish(Event(EventId(self.epoch, self.n), "token", {"text": text}))
+        if not self._batch:
+            self._batch_start = self.n
+        self._batch.append(text)
+        now = time.monotonic()
+        if now - self._last_flush >= self.flush_seconds:
+            await self.flush()
+        if not self.live.stop_requested and now - self._last_stop_poll >= self.stop_poll_seconds:
+            self._last_stop_poll = now
+            self.live.stop_requested = await self.poll_stop()
+
+    async def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._batch:
+            value = {
+                "epoch": self.epoch,
+                "n": self._batch_start,
+                "type": "token",
+                "texts": self._batch,
+            }
+            self._batch = []
+            await DBOS.write_stream_async(STREAM_KEY, value)
+
+
+def _value(event: Event) -> dict[str, Any]:
+    return {"epoch": event.id.epoch, "n": event.id.n, "type": event.type, "data": event.data}
+
+
+def terminal_id(epochs: int) -> EventId:
+    """The id of a turn's last event: after every token of every epoch it ran."""
+    return EventId(epochs + 1, 0)
+
+
+async def finish(turn_id: str, event: Event, *, durable: bool = True) -> None:
+    """Write a turn's terminal event (from its workflow, so a replay writes it once)."""
+    if durable:
+        await DBOS.write_stream_async(STREAM_KEY, _value(event))
+    live = _live.pop(turn_id, None)
+    if live is not None:
+        live.publish(event)
+
+
+async def read(turn_id: str, after: EventId = START) -> AsyncIterator[Event]:
+    """Every event of a turn after ``after``, in order, until its terminal event.
+
+    Ends early, with no terminal event, when the turn never streamed (or ended without
+    writing one).
+    """
+    live = _live.get(turn_id)
+    if live is None or (live.first_epoch > 1 and after < EventId(live.first_epoch, 0)):
+        async for event in _read_durable(turn_id, after, live):
+            if live is None:
+                live = _live.get(turn_id)
+            if live is not None and event.id.epoch >= live.first_epoch:
+                break  # the live turn holds the rest, and holds it sooner
+            yield event
+            after = event.id
+            if event.terminal:
+                return
+        else:
+            # The durable stream ended without an end event. Unless this process has
+            # just begun running the turn, the caller decides what that means.
+            live = _live.get(turn_id)
+            if live is None:
+                return
+    async for event in live.follow(after):
+        yield event
+
+
+async def _read_durable(
+    turn_id: str, after: EventId, live: LiveTurn | None
+) -> AsyncIterator[Event]:
+    # The workflow is started right after its messages are stored; a reader quick enough
+    # to see the messages first waits a moment for it.
+    for _ in range(50):
+        try:
+            async for value in DBOS.read_stream_async(turn_id, STREAM_KEY):
+                for event in expand(value):
+                    if event.id > after or (
+                        live is not None and event.id.epoch >= live.first_epoch
+                    ):
+                        yield event
+            return
+        except dbos_errors.DBOSNonExistentWorkflowError:
+            await asyncio.sleep(0.1)

@@ -1,0 +1,370 @@
+"""Streaming turns: Server-Sent Events, resumption, replay, stop, several readers."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from tests.api_client import (
+    Sse,
+    as_user,
+    messages,
+    new_conversation,
+    send,
+    send_and_finish,
+    stream,
+    text_of,
+    wait_for_status,
+)
+from tests.conftest import unique
+from tests.fake_provider import FakeProvider, reply_for
+
+
+@pytest.fixture
+def http(client: httpx.Client) -> httpx.Client:
+    return as_user(client, unique())
+
+
+# --- The stream ----------------------------------------------------------------------
+
+
+def test_a_reply_streams_as_tokens_then_done(http: httpx.Client, provider: FakeProvider) -> None:
+    conversation = new_conversation(http)
+    question = unique("where be the gold")
+    turn_id = send(http, conversation, question)
+    events = list(stream(http, turn_id))
+
+    assert [e.event for e in events[:-1]] == ["token"] * (len(events) - 1)
+    assert len(events) > 3  # word by word, not in one piece
+    assert text_of(events) == reply_for(question)
+    done = events[-1]
+    assert done.event == "done"
+    assert done.data["message"]["content"] == reply_for(question)
+    assert done.data["message"]["status"] == "complete"
+    # Ids increase and are unique.
+    ids = [tuple(map(int, e.id.split("."))) for e in events]
+    assert ids == sorted(set(ids))
+
+    user_message, reply = messages(http, conversation)
+    assert (user_message["role"], user_message["content"], user_message["status"]) == (
+        "user",
+        question,
+        "complete",
+    )
+    assert reply == done.data["message"]
+    assert user_message["turn_id"] == reply["turn_id"] == turn_id
+    (call,) = provider.calls_for(question)
+    assert call.stream
+
+
+def test_a_finished_turn_replays_whole_and_resumes_after_any_event(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    turn_id = send(http, conversation, unique("[slow:0.01] one two three four five"))
+    everything = list(stream(http, turn_id))
+    assert list(stream(http, turn_id)) == everything  # replay: identical
+    for index, event in enumerate(everything):
+        assert list(stream(http, turn_id, after=event.id)) == everything[index + 1 :]
+    middle = everything[len(everything) // 2]
+    assert (
+        list(stream(http, turn_id, after=middle.id, query=True))
+        == everything[everything.index(middle) + 1 :]
+    )
+
+
+def test_reconnecting_mid_reply_misses_nothing_and_repeats_nothing(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    question = unique("[slow:0.05] " + " ".join(f"w{i}" for i in range(30)))
+    turn_id = send(http, conversation, question)
+    seen: list[Sse] = []
+    for cut in (2, 5, 9):
+        for event in stream(http, turn_id, after=seen[-1].id if seen else None):
+            seen.append(event)
+            if len(seen) == cut:
+                break  # drop the connection mid-reply
+    seen.extend(stream(http, turn_id, after=seen[-1].id))
+    assert seen[-1].event == "done"
+    assert text_of(seen) == reply_for(question)
+    assert len({e.id for e in seen}) == len(seen)
+    assert seen == list(stream(http, turn_id))
+
+
+def test_two_readers_of_one_turn_see_the_same_text(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    question = unique("[slow:0.03] " + " ".join(f"w{i}" for i in range(20)))
+    turn_id = send(http, conversation, question)
+    results: dict[int, list[Sse]] = {}
+
+    def read(index: int) -> None:
+        with httpx.Client(base_url=str(http.base_url), headers=http.headers, timeout=30) as own:
+            results[index] = list(stream(own, turn_id))
+
+    readers = [threading.Thread(target=read, args=(index,)) for index in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=30)
+    assert results[0] == results[1]
+    assert text_of(results[0]) == reply_for(question)
+
+
+def test_a_client_that_disconnects_does_not_stop_the_turn(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    question = unique("[slow:0.02] " + " ".join(f"w{i}" for i in range(15)))
+    turn_id = send(http, conversation, question)
+    for _event in stream(http, turn_id):
+        break
+    reply = wait_for_status(http, conversation, "complete")[-1]
+    assert reply["content"] == reply_for(question)
+
+
+def test_stopping_keeps_what_was_written_and_the_model_remembers_it(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    conversation = new_conversation(http)
+    question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(60)))
+    turn_id = send(http, conversation, question)
+    seen: list[Sse] = []
+    for event in stream(http, turn_id):
+        seen.append(event)
+        if len(seen) == 3:
+            stopped = http.post(f"/api/turns/{turn_id}/cancel")
+            assert stopped.status_code == 200
+            assert stopped.json() == {"turn_id": turn_id, "status": "stopping"}
+    assert seen[-1].event == "stopped"
+    shown = text_of(seen)
+    assert shown and reply_for(question).startswith(shown) and shown != reply_for(question)
+    final = seen[-1].data["message"]
+    assert (final["status"], final["content"]) == ("stopped", shown)
+    assert messages(http, conversation)[-1] == final
+    # Stopping again changes nothing.
+    again = http.post(f"/api/turns/{turn_id}/cancel")
+    assert again.json() == {"turn_id": turn_id, "status": "stopped"}
+
+    follow_up = unique("and then?")
+    send_and_finish(http, conversation, follow_up)
+    (call,) = provider.calls_for(follow_up)
+    assert [(m["role"], m["content"]) for m in call.messages[1:]] == [
+        ("user", question),
+        ("assistant", shown),
+        ("user", follow_up),
+    ]
+
+
+def test_a_failed_turn_says_why_and_the_next_one_works(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    conversation = new_conversation(http)
+    failing = unique("[fail:400] doomed")
+    events = list(stream(http, send(http, conversation, failing)))
+    assert [e.event for e in events] == ["error"]
+    assert "HTTP 400" in events[0].data["detail"]
+    user_message, reply = messages(http, conversation)
+    assert user_message["content"] == failing
+    assert (reply["status"], reply["content"]) == ("failed", "")
+    assert "HTTP 400" in reply["error"]
+
+    after = unique("after")
+    send_and_finish(http, conversation, after)
+    (call,) = provider.calls_for(after)
+    assert [m["content"] for m in call.messages[1:]] == [after]
+
+
+def test_a_retried_model_call_resets_the_stream(http: httpx.Client, provider: FakeProvider) -> None:
+    conversation = new_conversation(http)
+    question = unique("[fail-once:503] try again")
+    events = list(stream(http, send(http, conversation, question)))
+    assert events[-1].event == "done"
+    assert text_of(events) == reply_for(question)
+    assert len(provider.calls_for(question)) == 2
+
+
+# --- Turns and conversations ---------------------------------------------------------
+
+
+def test_one_reply_at_a_time_per_conversation(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    first = send(http, conversation, unique("[slow:0.05] " + "w " * 20))
+    busy = http.post(f"/api/conversations/{conversation}/messages", json={"content": "wait"})
+    assert busy.status_code == 409
+    assert "still being written" in busy.json()["detail"]
+    list(stream(http, first))
+    send_and_finish(http, conversation, unique("now"))
+    assert len(messages(http, conversation)) == 4
+
+
+def test_an_idempotency_key_returns_the_same_turn(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    conversation = new_conversation(http)
+    text = unique("once")
+    first = send(http, conversation, text, **{"Idempotency-Key": "k1"})
+    list(stream(http, first))
+    assert send(http, conversation, text, **{"Idempotency-Key": "k1"}) == first
+    assert len(provider.calls_for(text)) == 1
+    assert len(messages(http, conversation)) == 2
+    reused = http.post(
+        f"/api/conversations/{conversation}/messages",
+        json={"content": "something else"},
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert reused.status_code == 422
+    assert len(messages(http, conversation)) == 2
+
+
+def test_conversations_are_created_listed_renamed_and_deleted(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    older = new_conversation(http)
+    named = http.post("/api/conversations", json={"title": "Charts"}).json()
+    assert named["title"] == "Charts"
+    question = unique("Where is Tortuga?")
+    send_and_finish(http, older, question)
+    listed = http.get("/api/conversations").json()
+    assert [c["id"] for c in listed["conversations"]] == [older, named["id"]]
+    assert listed["conversations"][0]["title"] == question  # named after its first message
+    assert not listed["has_more"]
+    page = http.get("/api/conversations", params={"limit": 1}).json()
+    assert len(page["conversations"]) == 1 and page["has_more"]
+
+    renamed = http.patch(f"/api/conversations/{older}", json={"title": "  Tortuga  "})
+    assert renamed.status_code == 200
+    assert renamed.json()["title"] == "Tortuga"
+    assert http.get(f"/api/conversations/{older}").json()["title"] == "Tortuga"
+
+    assert http.delete(f"/api/conversations/{older}").status_code == 204
+    assert http.get(f"/api/conversations/{older}").status_code == 404
+    assert http.get(f"/api/conversations/{older}/messages").status_code == 404
+    assert http.delete(f"/api/conversations/{older}").status_code == 404
+    assert [c["id"] for c in http.get("/api/conversations").json()["conversations"]] == [
+        named["id"]
+    ]
+
+
+def test_deleting_a_conversation_stops_its_reply_and_forgets_it(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    conversation = new_conversation(http)
+    turn_id = send(http, conversation, unique("[slow:0.1] " + "w " * 40))
+    events = stream(http, turn_id)
+    next(events)
+    assert http.delete(f"/api/conversations/{conversation}").status_code == 204
+    assert http.get(f"/api/turns/{turn_id}/stream").status_code == 404
+
+
+def test_message_pages(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    for index in range(3):
+        send_and_finish(http, conversation, f"m{index}")
+    first = http.get(f"/api/conversations/{conversation}/messages", params={"limit": 4}).json()
+    assert [m["content"] for m in first["messages"]][::2] == ["m1", "m2"]
+    assert first["has_more"]
+    older = http.get(
+        f"/api/conversations/{conversation}/messages",
+        params={"limit": 4, "before": first["messages"][0]["id"]},
+    ).json()
+    assert [m["content"] for m in older["messages"]] == ["m0", reply_for("m0")]
+    assert not older["has_more"]
+
+
+def test_the_seed_chat_shares_the_conversations(http: httpx.Client) -> None:
+    user = http.headers["X-Parley-User"]
+    reply = http.post("/chat", json={"message": "ahoy", "username": user})
+    assert reply.json() == {"content": reply_for("ahoy"), "isUser": False}
+    (conversation,) = http.get("/api/conversations").json()["conversations"]
+    assert conversation["title"] == "ahoy"
+    found = messages(http, conversation["id"])
+    assert [(m["role"], m["content"]) for m in found] == [
+        ("user", "ahoy"),
+        ("assistant", reply_for("ahoy")),
+    ]
+    # A turn that did not stream still replays as a stream.
+    events = list(stream(http, found[0]["turn_id"]))
+    assert [e.event for e in events] == ["token", "done"]
+    assert text_of(events) == reply_for("ahoy")
+
+
+# --- Who may see what, and bad input -------------------------------------------------
+
+
+def test_others_and_strangers_see_nothing(client: httpx.Client) -> None:
+    owner = as_user(client, unique())
+    conversation = new_conversation(owner)
+    turn_id = send(owner, conversation, "secret")
+    list(stream(owner, turn_id))
+    owner_name = owner.headers["X-Parley-User"]
+
+    as_user(client, unique())
+    for method, path, body in [
+        ("GET", f"/api/conversations/{conversation}", None),
+        ("PATCH", f"/api/conversations/{conversation}", {"title": "mine now"}),
+        ("DELETE", f"/api/conversations/{conversation}", None),
+        ("GET", f"/api/conversations/{conversation}/messages", None),
+        ("POST", f"/api/conversations/{conversation}/messages", {"content": "hi"}),
+        ("GET", f"/api/turns/{turn_id}/stream", None),
+        ("POST", f"/api/turns/{turn_id}/cancel", None),
+    ]:
+        response = client.request(method, path, json=body)
+        assert response.status_code == 404, (method, path, response.text)
+        assert "secret" not in response.text
+    assert client.get("/api/conversations").json()["conversations"] == []
+
+    del client.headers["X-Parley-User"]
+    assert client.get("/api/conversations").status_code == 401
+    assert client.get(f"/api/turns/{turn_id}/stream").status_code == 401
+    # The cookie the page sets works as well as the header.
+    client.cookies.set("parley_user", owner_name)
+    assert len(client.get(f"/api/conversations/{conversation}/messages").json()["messages"]) == 2
+    client.cookies.clear()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/api/conversations", {"title": ""}, 422),
+        ("POST", "/api/conversations", {"title": 7}, 422),
+        ("POST", "/api/conversations", {"title": "x" * 201}, 422),
+        ("POST", "/api/conversations", {"name": "typo"}, 422),
+        ("GET", "/api/conversations?limit=0", None, 422),
+        ("GET", "/api/conversations?limit=abc", None, 422),
+        ("GET", "/api/conversations/not-a-uuid", None, 422),
+        ("GET", "/api/conversations/0b8c4a4e-4c1e-4a9e-9a55-1f6f3f0b0c11", None, 404),
+        ("GET", "/api/turns/turn-nope/stream", None, 422),
+        ("GET", "/api/turns/turn-0b8c4a4e-4c1e-4a9e-9a55-1f6f3f0b0c11/stream", None, 404),
+        ("POST", "/api/turns/turn-0b8c4a4e-4c1e-4a9e-9a55-1f6f3f0b0c11/cancel", None, 404),
+    ],
+)
+def test_bad_requests_get_clear_errors(
+    http: httpx.Client, method: str, path: str, body: object, status: int
+) -> None:
+    response = http.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"content": ""},
+        {"content": "   "},
+        {"content": 5},
+        {"content": None},
+        {"content": "x" * 16_001},
+    ],
+)
+def test_bad_messages_are_refused_and_change_nothing(http: httpx.Client, body: object) -> None:
+    conversation = new_conversation(http)
+    response = http.post(f"/api/conversations/{conversation}/messages", json=body)
+    assert response.status_code == 422, response.text
+    assert messages(http, conversation) == []
+
+
+def test_a_bad_resume_point_is_refused(http: httpx.Client) -> None:
+    conversation = new_conversation(http)
+    turn_id = send(http, conversation, "hi")
+    for headers, params in [({"Last-Event-ID": "seven"}, {}), ({}, {"after": "1"})]:
+        response = http.get(f"/api/turns/{turn_id}/stream", headers=headers, params=params)
+        assert response.status_code == 422
+    assert http.get("/api/conversations", headers={"X-Parley-User": "x" * 65}).status_code == 422
