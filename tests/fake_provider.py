@@ -16,6 +16,7 @@ The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -162,3 +163,20 @@ class FakeProvider:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(timeout=10)
+
+
+def main() -> None:
+    """Run the fake provider on its own, as benchmarks do: ``python -m tests.fake_provider``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
+    args = parser.parse_args()
+    fake = FakeProvider(latency=args.latency).start()
+    print(fake.base_url, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -282,10 +282,11 @@ class Store:
         turn_id: str,
         content: str,
         create_conversation: bool = False,
-    ) -> None:
+    ) -> bool:
         """Store a turn's user message and an empty reply being written, in one transaction.
 
-        Idempotent on the turn id: beginning a turn that exists changes nothing. Raises
+        Idempotent on the turn id: beginning a turn that exists changes nothing (and
+        returns False; True when the turn is new). Raises
         ``ConversationNotFound`` if the conversation is not the owner's (or, unless
         ``create_conversation``, does not exist) and ``ConversationBusy`` if another
         reply is still being written in it.
@@ -318,11 +319,12 @@ class Store:
                 )
                 if updated.rowcount == 0:
                     raise ConversationNotFound(conversation_id)
+                inserted = []
                 for role, text, status in (
                     ("user", content, "complete"),
                     ("assistant", "", "streaming"),
                 ):
-                    await conn.execute(
+                    result = await conn.execute(
                         self._insert(messages)
                         .values(
                             conversation_id=conversation_id,
@@ -334,10 +336,12 @@ class Store:
                         )
                         .on_conflict_do_nothing(index_elements=["turn_id", "role"])
                     )
+                    inserted.append(result.rowcount)
         except sa.exc.IntegrityError:
             # Only the one-reply-in-progress index can object: turn ids are handled above.
             busy = await self.streaming_turns(conversation_id)
             raise ConversationBusy(busy[0] if busy else "") from None
+        return inserted[0] == 1
 
     async def fail_orphan(self, turn_id: str, error: str) -> None:
         """Mark a reply that no workflow will ever write as failed."""

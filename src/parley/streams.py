@@ -95,14 +95,34 @@ class LiveTurn:
     still gets them all; readers wait on a wake-up that each new event replaces.
     """
 
-    def __init__(self, turn_id: str, first_epoch: int) -> None:
+    def __init__(self, turn_id: str, first_epoch: int | None = None) -> None:
         self.turn_id = turn_id
+        # None until the model step begins: a turn is registered as it starts, so that
+        # readers who connect before its first token wait here rather than poll.
         self.first_epoch = first_epoch
         self.events: list[Event] = []
         self.stop_requested = False
         self._wake = asyncio.Event()
+        self._begun = asyncio.Event()
+        if first_epoch is not None:
+            self._begun.set()
+
+    def begin(self, epoch: int) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+            self._begun.set()
+
+    async def begun(self) -> None:
+        await self._begun.wait()
+
+    @property
+    def epoch_from(self) -> int:
+        """The first epoch this process ran: the live turn holds every event from it on."""
+        assert self.first_epoch is not None, "wait for begun() first"
+        return self.first_epoch
 
     def publish(self, event: Event) -> None:
+        self.begin(event.id.epoch)
         self.events.append(event)
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
@@ -138,6 +158,21 @@ def live_turn(turn_id: str) -> LiveTurn | None:
     return _live.get(turn_id)
 
 
+def expect(turn_id: str) -> None:
+    """Register a turn this process is about to run, before any reader can ask for it."""
+    _live.setdefault(turn_id, LiveTurn(turn_id))
+
+
+def abandon(turn_id: str) -> None:
+    """End a turn's live readers if it ended without a terminal event (a bug, or shutdown)."""
+    live = _live.pop(turn_id, None)
+    if live is not None and not (live.events and live.events[-1].terminal):
+        after = live.events[-1].id if live.events else START
+        live.publish(
+            Event(EventId(after.epoch + 1, 0), "error", {"detail": "The turn ended unexpectedly."})
+        )
+
+
 def request_stop_here(turn_id: str) -> bool:
     """Stop a turn if this process runs it; whether it does."""
     live = _live.get(turn_id)
@@ -165,7 +200,8 @@ class TurnWriter:
     _last_stop_poll: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id, self.epoch))
+        self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id))
+        self.live.begin(self.epoch)
 
     @property
     def stopped(self) -> bool:
@@ -229,40 +265,44 @@ async def read(turn_id: str, after: EventId = START) -> AsyncIterator[Event]:
     Ends early, with no terminal event, when the turn never streamed (or ended without
     writing one).
     """
-    live = _live.get(turn_id)
-    if live is None or (live.first_epoch > 1 and after < EventId(live.first_epoch, 0)):
-        async for event in _read_durable(turn_id, after, live):
-            if live is None:
-                live = _live.get(turn_id)
-            if live is not None and event.id.epoch >= live.first_epoch:
+    live = await _live_turn(turn_id)
+    if live is None or (live.epoch_from > 1 and after < EventId(live.epoch_from, 0)):
+        # Earlier epochs than this process ran (or the whole turn, when this process
+        # does not run it) come from the durable stream.
+        async for event in _read_durable(turn_id):
+            live = live or await _live_turn(turn_id)
+            if live is not None and event.id.epoch >= live.epoch_from:
                 break  # the live turn holds the rest, and holds it sooner
-            yield event
-            after = event.id
-            if event.terminal:
-                return
+            if event.id > after:
+                yield event
+                after = event.id
+                if event.terminal:
+                    return
         else:
             # The durable stream ended without an end event. Unless this process has
             # just begun running the turn, the caller decides what that means.
-            live = _live.get(turn_id)
+            live = await _live_turn(turn_id)
             if live is None:
                 return
     async for event in live.follow(after):
         yield event
 
 
-async def _read_durable(
-    turn_id: str, after: EventId, live: LiveTurn | None
-) -> AsyncIterator[Event]:
+async def _live_turn(turn_id: str) -> LiveTurn | None:
+    live = _live.get(turn_id)
+    if live is not None:
+        await live.begun()
+    return live
+
+
+async def _read_durable(turn_id: str) -> AsyncIterator[Event]:
     # The workflow is started right after its messages are stored; a reader quick enough
     # to see the messages first waits a moment for it.
     for _ in range(50):
         try:
             async for value in DBOS.read_stream_async(turn_id, STREAM_KEY):
                 for event in expand(value):
-                    if event.id > after or (
-                        live is not None and event.id.epoch >= live.first_epoch
-                    ):
-                        yield event
+                    yield event
             return
         except dbos_errors.DBOSNonExistentWorkflowError:
             await asyncio.sleep(0.1)

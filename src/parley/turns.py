@@ -181,6 +181,7 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> str:
         return str(outcome["text"])
     finally:
         services().usage.record_turn(time.monotonic() - started)
+        streams.abandon(turn_id)
 
 
 async def _final_message(turn_id: str) -> dict[str, Any] | None:
@@ -221,7 +222,7 @@ async def start_turn(
     deadline = time.monotonic() + services().settings.llm_timeout * services().settings.llm_attempts
     while True:
         try:
-            await store.begin_turn(
+            created = await store.begin_turn(
                 owner=owner,
                 conversation_id=conversation_id,
                 turn_id=turn_id,
@@ -240,6 +241,8 @@ async def start_turn(
                 raise
             with contextlib.suppress(Exception):  # its failure is its own client's news
                 await (await DBOS.retrieve_workflow_async(busy.turn_id)).get_result()
+    if stream and created:
+        streams.expect(turn_id)
     with SetWorkflowID(turn_id):
         return await DBOS.start_workflow_async(chat_turn, conversation_id, text, stream)
 

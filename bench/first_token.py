@@ -1,0 +1,139 @@
+"""Time to the first token: what Parley adds to the provider's own.
+
+Starts the fake provider (a child process) with a fixed first-token latency and Parley on
+the embedded storage (or PostgreSQL with ``--database-url``). For each concurrency level N,
+N clients each chat in a conversation of their own for ``--seconds``: send a message, read
+its reply stream to the end (17 words, 50 ms apart, about a second), send the next. So N
+streams are open at every moment and turns start at staggered times, as with real users.
+Each turn is timed from sending ``POST .../messages`` to the first ``token`` event of
+``GET /api/turns/{id}/stream``. The provider's own first-token time is measured straight
+against it, at the same concurrency. A burst (N turns started at the same instant) is also
+timed once: there the turns' start-up work queues for Parley's one core.
+
+    .venv/bin/python bench/first_token.py [--concurrency 1 10 100] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx2
+import psutil
+
+from _support import fake_provider, parley, summary
+
+REPLY = "[slow:0.05] " + " ".join(f"w{i}" for i in range(16))
+
+
+async def provider_first_token(http: httpx2.AsyncClient, base_url: str) -> float:
+    body = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": REPLY}]}
+    started = time.perf_counter()
+    first = None
+    async with http.stream("POST", f"{base_url}/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if first is None and line.startswith("data: ") and '"content"' in line:
+                first = time.perf_counter() - started
+    if first is None:
+        raise RuntimeError("the provider sent no token")
+    return first
+
+
+async def parley_first_token(http: httpx2.AsyncClient, index: int) -> float:
+    headers = {"X-Parley-User": f"bench-{index}"}
+    conversation = (await http.post("/api/conversations", headers=headers)).json()["id"]
+    started = time.perf_counter()
+    response = await http.post(
+        f"/api/conversations/{conversation}/messages", json={"content": REPLY}, headers=headers
+    )
+    response.raise_for_status()
+    first = None
+    async with http.stream("GET", response.json()["stream_url"], headers=headers) as events:
+        event = ""
+        async for line in events.aiter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: ") and event == "token" and first is None:
+                first = time.perf_counter() - started
+            elif line.startswith("data: ") and event in ("error", "stopped"):
+                raise RuntimeError(json.loads(line.removeprefix("data: ")))
+    if first is None:
+        raise RuntimeError("no token")
+    return first
+
+
+async def steady(url: str, concurrency: int, seconds: float) -> list[float]:
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        deadline = time.perf_counter() + seconds
+
+        async def client(index: int) -> list[float]:
+            found = []
+            while time.perf_counter() < deadline:
+                found.append(await parley_first_token(http, index))
+            return found
+
+        # Warm the path once (first connections, first queries) before timing it.
+        await parley_first_token(http, -1)
+        per_client = await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return [value for values in per_client for value in values]
+
+
+async def burst(url: str, base_url: str, concurrency: int) -> tuple[list[float], list[float]]:
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        direct = await asyncio.gather(
+            *(provider_first_token(http, base_url) for _ in range(concurrency))
+        )
+        via = await asyncio.gather(*(parley_first_token(http, i) for i in range(concurrency)))
+    return list(direct), list(via)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--seconds", type=float, default=15, help="per concurrency level")
+    parser.add_argument("--latency", type=float, default=0.2, help="provider's first-token s")
+    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite files)")
+    args = parser.parse_args()
+
+    env = {"PARLEY_DATABASE_URL": args.database_url} if args.database_url else {}
+    storage = "PostgreSQL" if args.database_url else "SQLite"
+    print(f"storage: {storage}; provider first token after {args.latency * 1000:.0f} ms")
+    with (
+        tempfile.TemporaryDirectory() as data_dir,
+        fake_provider(args.latency) as base_url,
+        parley(Path(data_dir), OPENAI_BASE_URL=base_url, **env) as (url, pid),
+    ):
+        server = psutil.Process(pid)
+        for concurrency in args.concurrency:
+            direct, _ = asyncio.run(burst(url, base_url, concurrency))
+            started, cpu, served = time.perf_counter(), time.process_time(), _cpu(server)
+            via = asyncio.run(steady(url, concurrency, args.seconds))
+            wall = time.perf_counter() - started
+            client_cpu, server_cpu = time.process_time() - cpu, _cpu(server) - served
+            _, bursting = asyncio.run(burst(url, base_url, concurrency))
+            added = statistics.median(via) - statistics.median(direct)
+            print(f"\n{concurrency} concurrent streams, {len(via)} turns in {wall:.0f} s")
+            print(f"  provider directly:  {summary(direct)}")
+            print(f"  through Parley:     {summary(via)}")
+            print(f"  Parley adds at the median: {added * 1000:.1f} ms")
+            print(f"  {concurrency} started at once: {summary(bursting)}")
+            print(
+                f"  Parley's CPU: {server_cpu / len(via) * 1000:.1f} ms per turn "
+                f"({server_cpu / wall:.0%} of a core); load generator {client_cpu / wall:.0%}"
+            )
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+if __name__ == "__main__":
+    main()
