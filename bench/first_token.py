@@ -21,6 +21,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx2
@@ -44,9 +45,16 @@ async def provider_first_token(http: httpx2.AsyncClient, base_url: str) -> float
     return first
 
 
-async def parley_first_token(http: httpx2.AsyncClient, index: int) -> float:
+async def new_conversation(http: httpx2.AsyncClient, index: int) -> str:
     headers = {"X-Parley-User": f"bench-{index}"}
-    conversation = (await http.post("/api/conversations", headers=headers)).json()["id"]
+    return str((await http.post("/api/conversations", headers=headers)).json()["id"])
+
+
+async def parley_first_token(
+    http: httpx2.AsyncClient, index: int, conversation: str | None = None
+) -> float:
+    headers = {"X-Parley-User": f"bench-{index}"}
+    conversation = conversation or await new_conversation(http, index)
     started = time.perf_counter()
     response = await http.post(
         f"/api/conversations/{conversation}/messages", json={"content": REPLY}, headers=headers
@@ -67,31 +75,45 @@ async def parley_first_token(http: httpx2.AsyncClient, index: int) -> float:
     return first
 
 
-async def steady(url: str, concurrency: int, seconds: float) -> list[float]:
+async def steady(
+    url: str, base_url: str, concurrency: int, seconds: float
+) -> tuple[list[float], list[float]]:
+    """First-token times of N clients chatting for ``seconds``: straight to the provider
+    for a third of the time, then through Parley."""
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        deadline = time.perf_counter() + seconds
 
-        async def client(index: int) -> list[float]:
+        async def loop(seconds: float, turn: Callable[[], Awaitable[float]]) -> list[float]:
+            deadline = time.perf_counter() + seconds
             found = []
             while time.perf_counter() < deadline:
-                found.append(await parley_first_token(http, index))
+                found.append(await turn())
             return found
 
+        async def direct(index: int) -> list[float]:
+            return await loop(seconds / 3, lambda: provider_first_token(http, base_url))
+
+        async def via(index: int) -> list[float]:
+            conversation = await new_conversation(http, index)
+            return await loop(seconds, lambda: parley_first_token(http, index, conversation))
+
+        straight = await asyncio.gather(*(direct(i) for i in range(concurrency)))
         # Warm the path once (first connections, first queries) before timing it.
         await parley_first_token(http, -1)
-        per_client = await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return [value for values in per_client for value in values]
+        through = await asyncio.gather(*(via(i) for i in range(concurrency)))
+    return _flat(straight), _flat(through)
 
 
-async def burst(url: str, base_url: str, concurrency: int) -> tuple[list[float], list[float]]:
+def _flat(lists: list[list[float]]) -> list[float]:
+    return [value for values in lists for value in values]
+
+
+async def burst(url: str, concurrency: int) -> list[float]:
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        direct = await asyncio.gather(
-            *(provider_first_token(http, base_url) for _ in range(concurrency))
+        return list(
+            await asyncio.gather(*(parley_first_token(http, i) for i in range(concurrency)))
         )
-        via = await asyncio.gather(*(parley_first_token(http, i) for i in range(concurrency)))
-    return list(direct), list(via)
 
 
 def main() -> None:
@@ -111,22 +133,27 @@ def main() -> None:
         parley(Path(data_dir), OPENAI_BASE_URL=base_url, **env) as (url, pid),
     ):
         server = psutil.Process(pid)
+        before = _cpu(server)
+        time.sleep(5)
+        idle = (_cpu(server) - before) / 5
+        print(f"Parley idle: {idle * 1000:.1f} ms of CPU per second (sampler, DBOS's pollers)")
         for concurrency in args.concurrency:
-            direct, _ = asyncio.run(burst(url, base_url, concurrency))
             started, cpu, served = time.perf_counter(), time.process_time(), _cpu(server)
-            via = asyncio.run(steady(url, concurrency, args.seconds))
+            direct, via = asyncio.run(steady(url, base_url, concurrency, args.seconds))
             wall = time.perf_counter() - started
-            client_cpu, server_cpu = time.process_time() - cpu, _cpu(server) - served
-            _, bursting = asyncio.run(burst(url, base_url, concurrency))
+            client_cpu = time.process_time() - cpu
+            # Parley's CPU over the part through Parley: all but the first third.
+            server_cpu = _cpu(server) - served - idle * wall
+            bursting = asyncio.run(burst(url, concurrency))
             added = statistics.median(via) - statistics.median(direct)
-            print(f"\n{concurrency} concurrent streams, {len(via)} turns in {wall:.0f} s")
+            print(f"\n{concurrency} concurrent streams, {len(via)} turns")
             print(f"  provider directly:  {summary(direct)}")
             print(f"  through Parley:     {summary(via)}")
             print(f"  Parley adds at the median: {added * 1000:.1f} ms")
             print(f"  {concurrency} started at once: {summary(bursting)}")
             print(
-                f"  Parley's CPU: {server_cpu / len(via) * 1000:.1f} ms per turn "
-                f"({server_cpu / wall:.0%} of a core); load generator {client_cpu / wall:.0%}"
+                f"  Parley's CPU above idle: {server_cpu / len(via) * 1000:.1f} ms per turn; "
+                f"load generator {client_cpu / wall:.0%} of a core"
             )
 
 

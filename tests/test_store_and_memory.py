@@ -113,7 +113,8 @@ async def test_model_runs_count_epochs_and_see_stop_requests(store: Store) -> No
     await store.request_stop("t")
     started = await store.start_model_run("t")
     assert (started.epoch, started.stop_requested) == (2, True)
-    assert await store.finish_reply("t", content="", status="stopped") == 2
+    stopped = await store.finish_reply("t", content="", status="stopped")
+    assert stopped is not None and (stopped.epochs, stopped.status) == (2, "stopped")
     await store.delete_conversation(owner, conversation)
     assert await store.stop_requested("t")  # a deleted turn is stopped too
     assert await store.finish_reply("t", content="late", status="complete") is None

@@ -140,6 +140,9 @@ class Memory:
             result = await self.graph.ainvoke(
                 {"messages": [HumanMessage(text, id=user_message_id(turn_id))]},
                 self._config(conversation_id, turn_id),
+                # One checkpoint write, when the graph is done: the DBOS step around this
+                # call is what makes the turn durable, and a re-run recomputes a lost run.
+                durability="exit",
             )
         finally:
             _sink.reset(token)

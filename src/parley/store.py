@@ -118,6 +118,8 @@ class Message:
     status: Status
     created_at: datetime
     error: str | None = None
+    # How many times the model was asked for this reply: the epochs of its event stream.
+    epochs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,7 @@ def _message(row: sa.Row[Any]) -> Message:
         status=row.status,
         created_at=_aware(row.created_at),
         error=row.error,
+        epochs=row.epochs,
     )
 
 
@@ -180,7 +183,10 @@ class Store:
     def from_settings(cls, settings: Settings) -> Store:
         url = settings.store_database_url()
         if settings.uses_postgres:
-            engine = create_async_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+            # No pre-ping: it costs a round trip per checkout, about a tenth of a turn's
+            # CPU. A connection that died with its server is discarded (with the rest of
+            # the pool) on first use, and that one request gets a 503.
+            engine = create_async_engine(url, pool_size=20, max_overflow=20)
         else:
             engine = create_async_engine(url)
             sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -393,8 +399,8 @@ class Store:
 
     async def finish_reply(
         self, turn_id: str, *, content: str, status: Status, error: str | None = None
-    ) -> int | None:
-        """Store a turn's final reply; its number of model runs, or None if it is gone."""
+    ) -> Message | None:
+        """Store a turn's final reply; the stored message, or None if it is gone."""
         async with self.engine.begin() as conn:
             # The conversation first, then the message: the order ``begin_turn`` locks them
             # in, so that the two cannot deadlock on PostgreSQL.
@@ -408,15 +414,15 @@ class Store:
                 )
                 .values(updated_at=datetime.now(UTC))
             )
-            epochs = (
+            row = (
                 await conn.execute(
                     messages.update()
                     .where(messages.c.turn_id == turn_id, messages.c.role == "assistant")
                     .values(content=content, status=status, error=error)
-                    .returning(messages.c.epochs)
+                    .returning(*messages.c)
                 )
-            ).scalar_one_or_none()
-            return None if epochs is None else int(epochs)
+            ).one_or_none()
+            return None if row is None else _message(row)
 
     async def message(self, turn_id: str, role: Role) -> Message | None:
         query = sa.select(messages).where(messages.c.turn_id == turn_id, messages.c.role == role)

@@ -78,14 +78,18 @@ class Event:
 
 
 def expand(value: dict[str, Any]) -> list[Event]:
-    """The events in one durable stream value (a batch of tokens, or one event)."""
+    """The events in one durable stream value: a batch of tokens, perhaps followed by the
+    end event (``end``), or one event."""
     epoch, n = value["epoch"], value["n"]
-    if value["type"] == "token":
-        return [
-            Event(EventId(epoch, n + offset), "token", {"text": text})
-            for offset, text in enumerate(value["texts"])
-        ]
-    return [Event(EventId(epoch, n), value["type"], value.get("data") or {})]
+    if value["type"] != "token":
+        return [Event(EventId(epoch, n), value["type"], value.get("data") or {})]
+    events = [
+        Event(EventId(epoch, n + offset), "token", {"text": text})
+        for offset, text in enumerate(value["texts"])
+    ]
+    if "end" in value:
+        events += expand(value["end"])
+    return events
 
 
 class LiveTurn:
@@ -230,15 +234,16 @@ class TurnWriter:
 
     async def flush(self) -> None:
         self._last_flush = time.monotonic()
-        if self._batch:
-            value = {
-                "epoch": self.epoch,
-                "n": self._batch_start,
-                "type": "token",
-                "texts": self._batch,
-            }
-            self._batch = []
+        if (value := self.tail()) is not None:
             await DBOS.write_stream_async(STREAM_KEY, value)
+
+    def tail(self) -> dict[str, Any] | None:
+        """The pieces not yet written to the durable stream, as one stream value."""
+        if not self._batch:
+            return None
+        value = {"epoch": self.epoch, "n": self._batch_start, "type": "token", "texts": self._batch}
+        self._batch = []
+        return value
 
 
 def _value(event: Event) -> dict[str, Any]:
@@ -250,10 +255,12 @@ def terminal_id(epochs: int) -> EventId:
     return EventId(epochs + 1, 0)
 
 
-async def finish(turn_id: str, event: Event, *, durable: bool = True) -> None:
-    """Write a turn's terminal event (from its workflow, so a replay writes it once)."""
-    if durable:
-        await DBOS.write_stream_async(STREAM_KEY, _value(event))
+async def finish(turn_id: str, event: Event, tail: dict[str, Any] | None = None) -> None:
+    """Write a turn's end event, after ``tail`` (its last unwritten pieces), in one write."""
+    value = _value(event)
+    if tail is not None:
+        value = {**tail, "end": value}
+    await DBOS.write_stream_async(STREAM_KEY, value)
     live = _live.pop(turn_id, None)
     if live is not None:
         live.publish(event)

@@ -77,12 +77,14 @@ def new_turn_id(owner: str, idempotency_key: str | None = None) -> str:
 async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
     """A step (run by ``chat_turn`` with retry options from the settings).
 
-    Each run of a streaming turn's model step is a new epoch of its event stream.
+    Each run of a streaming turn's model step is a new epoch of its event stream. The
+    pieces not yet written to the durable stream come back as ``tail``: the end event
+    carries them, which saves a write per turn.
     """
     parts = services()
     if not stream:
         reply = await parts.memory.reply(conversation_id, turn_id, text)
-        return {"text": reply.text, "stopped": False}
+        return {"text": reply.text, "stopped": False, "tail": None}
     started = await parts.store.start_model_run(turn_id)
     settings = parts.settings
     writer = streams.TurnWriter(
@@ -96,12 +98,10 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
     if started.stop_requested or writer.stopped:
         # Stopped before this run began (perhaps before a crash): keep what the model's
         # memory already holds of the reply, and ask for nothing more.
-        return {"text": await parts.memory.reply_so_far(conversation_id, turn_id), "stopped": True}
-    try:
-        reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
-    finally:
-        await writer.flush()
-    return {"text": reply.text, "stopped": reply.stopped}
+        text_so_far = await parts.memory.reply_so_far(conversation_id, turn_id)
+        return {"text": text_so_far, "stopped": True, "tail": None}
+    reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+    return {"text": reply.text, "stopped": reply.stopped, "tail": writer.tail()}
 
 
 def _ask_model_options(settings: Settings) -> StepOptions:
@@ -117,21 +117,40 @@ def _ask_model_options(settings: Settings) -> StepOptions:
 
 @DBOS.step()
 async def save_reply(
-    conversation_id: str, turn_id: str, text: str, status: str, error: str | None = None
-) -> int | None:
-    """Store the final reply; the number of model runs, or None if the conversation is gone."""
+    conversation_id: str,
+    turn_id: str,
+    text: str,
+    status: str,
+    *,
+    error: str | None = None,
+    stream: bool = False,
+    tail: dict[str, Any] | None = None,
+) -> None:
+    """Store the final reply and, for a streaming turn, write the stream's end event.
+
+    Run again after a crash, the end event may be written twice; readers stop at the
+    first, and both are the same.
+    """
     parts = services()
-    epochs = await parts.store.finish_reply(
+    message = await parts.store.finish_reply(
         turn_id,
         content=text,
         status=status,  # type: ignore[arg-type]
         error=error,
     )
-    if epochs is None:
+    if message is None:
         # Deleted while the model was writing: the graph may have written its memory
         # after the deletion did; forget it again.
         await parts.memory.delete(conversation_id)
-    return epochs
+    if not stream:
+        return
+    end = streams.terminal_id(message.epochs if message else 0)
+    if status == "failed":
+        event = streams.Event(end, "error", {"detail": error})
+    else:
+        kind = "done" if status == "complete" else "stopped"
+        event = streams.Event(end, kind, {"message": message_json(message) if message else None})
+    await streams.finish(turn_id, event, tail)
 
 
 @DBOS.step()
@@ -159,34 +178,20 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> str:
                 error = error.errors[-1]
             detail = llm.describe(error)
             await forget_failed_turn(conversation_id, turn_id)
-            epochs = await save_reply(conversation_id, turn_id, "", "failed", detail)
-            await streams.finish(
-                turn_id,
-                streams.Event(streams.terminal_id(epochs or 0), "error", {"detail": detail}),
-                durable=stream,
-            )
+            await save_reply(conversation_id, turn_id, "", "failed", error=detail, stream=stream)
             raise TurnFailed(detail) from None
-        status = "stopped" if outcome["stopped"] else "complete"
-        epochs = await save_reply(conversation_id, turn_id, outcome["text"], status)
-        if stream:
-            message = await _final_message(turn_id)
-            await streams.finish(
-                turn_id,
-                streams.Event(
-                    streams.terminal_id(epochs or 0),
-                    "done" if status == "complete" else "stopped",
-                    {"message": message},
-                ),
-            )
+        await save_reply(
+            conversation_id,
+            turn_id,
+            outcome["text"],
+            "stopped" if outcome["stopped"] else "complete",
+            stream=stream,
+            tail=outcome["tail"],
+        )
         return str(outcome["text"])
     finally:
         services().usage.record_turn(time.monotonic() - started)
         streams.abandon(turn_id)
-
-
-async def _final_message(turn_id: str) -> dict[str, Any] | None:
-    message = await services().store.message(turn_id, "assistant")
-    return None if message is None else message_json(message)
 
 
 def message_json(message: Message) -> dict[str, Any]:
