@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 
 import httpx
 import pytest
@@ -77,9 +78,39 @@ def test_the_page_is_served_with_its_assets(client: httpx.Client) -> None:
     page = client.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    for asset in ("/static/app.js", "/static/style.css"):
-        assert asset in page.text
-        assert client.get(asset).status_code == 200
+    assert page.headers["cache-control"] == "no-cache"
+    assets = re.findall(r'(?:href|src)="(/static/[^"]+)"', page.text)
+    assert {a.split("?")[0] for a in assets} >= {"/static/app.js", "/static/style.css"}
+    for asset in assets:
+        # Versioned URLs: cached for good, a new release changes them.
+        assert "?v=" in asset
+        response = client.get(asset)
+        assert response.status_code == 200
+        assert "immutable" in response.headers["cache-control"]
+    assert client.get("/static/app.js").headers["cache-control"] == "no-cache"
+    # The page's libraries, vendored under their versioned names; nothing comes from a CDN.
+    script = client.get("/static/app.js").text
+    for library in re.findall(r'from "\./(vendor/[^"]+)"', script):
+        response = client.get(f"/static/{library}")
+        assert response.status_code == 200
+        assert "immutable" in response.headers["cache-control"]
+    assert "https://" not in page.text
+    assert "http://" not in page.text
+
+
+def test_usage_has_costs_and_a_series(client: httpx.Client) -> None:
+    assert chat(client, unique(), "[delay:0.2] count it").status_code == 200
+    usage = client.get("/api/usage").json()
+    assert usage["wall_clock_time"] >= 0.2
+    assert usage["model_cpu_time"] is None
+    costs = usage["costs"]
+    assert costs["cpu_billed"] == pytest.approx(usage["cpu_time"] * costs["price_cpu_second"])
+    assert costs["duration_billed"] == pytest.approx(
+        usage["wall_clock_time"] * costs["price_request_second"]
+    )
+    assert len(usage["series"]) == 30
+    assert usage["series"][-1]["seconds_ago"] == 0
+    assert sum(b["wall_clock_time"] for b in usage["series"]) >= 0.2
 
 
 def test_concurrent_turns_of_one_user_all_land(server: ParleyServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -317,6 +318,13 @@ def test_others_and_strangers_see_nothing(client: httpx.Client) -> None:
     client.cookies.set("parley_user", owner_name)
     assert len(client.get(f"/api/conversations/{conversation}/messages").json()["messages"]) == 2
     client.cookies.clear()
+    # The page stores the name percent-encoded: the API decodes it.
+    spaced = unique("anne bonny")
+    client.cookies.set("parley_user", quote(spaced))
+    made = new_conversation(client)
+    client.cookies.clear()
+    as_user(client, spaced)
+    assert [c["id"] for c in client.get("/api/conversations").json()["conversations"]] == [made]
 
 
 @pytest.mark.parametrize(

@@ -41,3 +41,15 @@ def test_wall_clock_sums_the_turns_in_the_window() -> None:
     usage = meter.snapshot()
     assert usage.wall_clock_time == 0
     assert usage.turns == 0
+
+
+def test_the_series_splits_the_history_into_buckets() -> None:
+    meter = UsageMeter(window=60, interval=0.05)
+    meter.record_turn(2.0)
+    burn_cpu(0.1)
+    series = meter.series(bucket_seconds=1.0, buckets=5)
+    assert [bucket.seconds_ago for bucket in series] == [4.0, 3.0, 2.0, 1.0, 0.0]
+    assert series[-1].wall_clock_time == 2.0
+    assert sum(bucket.wall_clock_time for bucket in series) == 2.0
+    assert 0.08 <= sum(bucket.cpu_time for bucket in series) < 1.0
+    assert all(bucket.model_cpu_time is None for bucket in series)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
 from dbos import DBOS
-from fastapi import FastAPI, Request, status
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, Request, Response, status
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from parley import __version__, store, turns
-from parley.api import conversations, seed
+from parley.api import conversations, seed, usage
 from parley.config import Settings
 from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
@@ -23,6 +26,35 @@ from parley.usage import UsageMeter
 
 WEB_DIR = Path(__file__).parent / "web"
 logger = logging.getLogger("parley")
+
+
+def asset_version() -> str:
+    """A digest of the page's files: part of their URLs, so caches never serve stale ones."""
+    digest = hashlib.sha256()
+    for path in sorted(WEB_DIR.rglob("*")):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class CachedStaticFiles(StaticFiles):
+    """Static files, cached for a year when their URL is versioned (``?v=`` or a vendored
+    library whose file name carries its version), revalidated otherwise."""
+
+    def file_response(
+        self,
+        full_path: str | os.PathLike[str],
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        versioned = b"v=" in scope.get("query_string", b"") or "/vendor/" in scope["path"]
+        response.headers["Cache-Control"] = (
+            "public, max-age=31536000, immutable" if versioned else "no-cache"
+        )
+        return response
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -83,11 +115,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.local_model = None
     app.include_router(seed.router)
     app.include_router(conversations.router)
-    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    app.include_router(usage.router)
+    app.mount("/static", CachedStaticFiles(directory=WEB_DIR), name="static")
+    page = (WEB_DIR / "index.html").read_text().replace("{{version}}", asset_version())
 
     @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    async def index() -> HTMLResponse:
+        # Revalidated every time, so a new release's assets (new version in their URLs)
+        # are picked up at once, while the assets themselves are cached for good.
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
     @app.exception_handler(sa.exc.DBAPIError)
     async def database_unavailable(_request: Request, error: sa.exc.DBAPIError) -> JSONResponse:

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     # another replica asked for (a stop asked of this process acts at once).
     stop_poll_seconds: float = Field(default=1.0, gt=0)
 
+    # The page compares what the last minute's work costs billed by CPU time against
+    # billed by request duration, in US dollars. Defaults: Google Cloud Run's price of a
+    # vCPU-second, and AWS Lambda's price of a second of a 1 GB function.
+    price_cpu_second: float = Field(default=0.000024, ge=0)
+    price_request_second: float = Field(default=0.0000166667, ge=0)
+
     # DBOS recovers, at start, the unfinished turns of its own executor id. Each replica
     # sharing one PostgreSQL needs a stable id of its own.
     executor_id: str = "local"

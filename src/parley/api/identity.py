@@ -8,6 +8,7 @@ can claim any name. Accounts replace this.
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import unquote
 
 from fastapi import Cookie, Depends, Header, HTTPException, status
 from pydantic import TypeAdapter, ValidationError
@@ -25,7 +26,8 @@ async def current_user(
         str | None, Cookie(description="The same name, as the page stores it.")
     ] = None,
 ) -> str:
-    name = x_parley_user if x_parley_user is not None else parley_user
+    # The page stores the name percent-encoded, since a cookie cannot hold every character.
+    name = x_parley_user if x_parley_user is not None else unquote(parley_user or "") or None
     if name is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

@@ -1,121 +1,567 @@
-// Parley's page: the name prompt, the chat and the usage counters. Text is always put in
-// the page with textContent, so nothing a user or the model writes can run as script.
-"use strict";
+// Parley's page: conversations, replies that stream and survive reloads, the usage panel.
+// Everything it loads comes from this server; model output and user text never become
+// markup that can run script or fetch anything (see render()).
+import { Marked } from "./vendor/marked-18.2.1.esm.js";
+import DOMPurify from "./vendor/purify-3.4.18.es.mjs";
 
-const $ = (id) => document.getElementById(id);
-const NAME_KEY = "parley.username";
+const $ = (selector) => document.querySelector(selector);
+const state = { user: null, conversations: [], current: null, turn: null };
 
-function addMessage(content, isUser, extraClass) {
+// --- Who is chatting ------------------------------------------------------------------
+
+const USER_KEY = "parley.user";
+
+function rememberUser(name) {
+  localStorage.setItem(USER_KEY, name);
+  // The API reads the name from this cookie (EventSource cannot send headers).
+  document.cookie = `parley_user=${encodeURIComponent(name)}; path=/; max-age=31536000; SameSite=Strict`;
+}
+
+function forgetUser() {
+  localStorage.removeItem(USER_KEY);
+  document.cookie = "parley_user=; path=/; max-age=0; SameSite=Strict";
+}
+
+// --- The API ----------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function api(method, path, body) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new ApiError(0, "Parley could not be reached. Check the connection and retry.");
+  }
+  if (!response.ok) {
+    let detail = `The server answered ${response.status}.`;
+    try {
+      const problem = await response.json();
+      detail = Array.isArray(problem.detail)
+        ? problem.detail.map((item) => `${item.loc.at(-1)} ${item.msg}`).join("; ")
+        : problem.detail || detail;
+    } catch {
+      // not JSON: keep the status line
+    }
+    throw new ApiError(response.status, detail);
+  }
+  return response.status === 204 ? null : response.json();
+}
+
+// --- Markdown, made safe -----------------------------------------------------------------
+
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+const markdown = new Marked({
+  gfm: true,
+  renderer: {
+    // Raw HTML in a message is shown as the text it is.
+    html: ({ text }) => escapeHtml(text),
+    // An image would be a request to somewhere else: show a link to it instead.
+    image: ({ href, text }) => `<a href="${escapeHtml(href)}">${escapeHtml(text || href)}</a>`,
+  },
+});
+
+const SANITIZE = {
+  ALLOWED_TAGS: [
+    "p", "br", "strong", "em", "del", "code", "pre", "blockquote", "ul", "ol", "li", "hr",
+    "h1", "h2", "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td", "a",
+  ],
+  ALLOWED_ATTR: ["href", "title", "class", "start", "align"],
+  ALLOWED_URI_REGEXP: /^(?:https?:|mailto:|#)/i,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A") {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer nofollow");
+  }
+});
+
+function render(element, text) {
+  element.innerHTML = DOMPurify.sanitize(markdown.parse(text), SANITIZE);
+  for (const pre of element.querySelectorAll("pre")) {
+    const copy = document.createElement("button");
+    copy.type = "button";
+    copy.className = "copy";
+    copy.textContent = "Copy";
+    copy.setAttribute("aria-label", "Copy code");
+    copy.addEventListener("click", async () => {
+      try {
+        await navigator.clipboard.writeText(pre.querySelector("code")?.textContent ?? "");
+        copy.textContent = "Copied";
+      } catch {
+        copy.textContent = "Copy failed";
+      }
+      setTimeout(() => (copy.textContent = "Copy"), 1500);
+    });
+    pre.append(copy);
+  }
+}
+
+// --- Messages -----------------------------------------------------------------------------
+
+function messageElement(message) {
   const item = document.createElement("li");
-  item.className = (isUser ? "user" : "bot") + (extraClass ? " " + extraClass : "");
-  item.textContent = content;
-  $("messages").append(item);
+  item.className = `message ${message.role}`;
+  item.dataset.status = message.status;
+  if (message.turn_id) item.dataset.turn = message.turn_id;
+  const who = document.createElement("span");
+  who.className = "visually-hidden";
+  who.textContent = message.role === "user" ? "You said:" : "Parley said:";
+  const content = document.createElement("div");
+  content.className = "content";
+  item.append(who, content);
+  if (message.role === "user") {
+    content.textContent = message.content;
+  } else {
+    render(content, message.content);
+  }
+  return item;
+}
+
+function showMessage(message) {
+  const item = messageElement(message);
+  $("#messages").append(item);
+  $("#empty").hidden = true;
   item.scrollIntoView({ block: "end" });
   return item;
 }
 
-function showError(text) {
-  $("error").textContent = text;
-  $("error").hidden = !text;
+function markEnded(item, status, note) {
+  item.dataset.status = status;
+  item.querySelector(".ended")?.remove();
+  if (!note) return;
+  const ended = document.createElement("p");
+  ended.className = "ended";
+  ended.textContent = note;
+  item.append(ended);
 }
 
-async function errorText(response) {
-  try {
-    const body = await response.json();
-    if (typeof body.detail === "string") return body.detail;
-    if (Array.isArray(body.detail)) return body.detail.map((d) => `${d.loc.at(-1)}: ${d.msg}`).join("; ");
-  } catch { /* not JSON */ }
-  return `The server answered ${response.status}.`;
+function markFailed(item, detail, userText) {
+  item.dataset.status = "failed";
+  item.querySelector(".failure")?.remove();
+  const failure = document.createElement("p");
+  failure.className = "failure";
+  failure.setAttribute("role", "alert");
+  failure.textContent = detail;
+  if (userText) {
+    const retry = document.createElement("button");
+    retry.type = "button";
+    retry.className = "link";
+    retry.textContent = "Retry";
+    retry.addEventListener("click", () => send(userText));
+    failure.append(" ", retry);
+  }
+  item.append(failure);
 }
 
-async function loadHistory(name) {
-  $("messages").replaceChildren();
-  const response = await fetch(`/history/${encodeURIComponent(name)}`);
-  if (!response.ok) return showError(await errorText(response));
-  for (const message of await response.json()) addMessage(message.content, message.isUser);
+function showNotice(text, retry) {
+  $("#notice-text").textContent = text;
+  $("#notice-retry").hidden = !retry;
+  $("#notice-retry").onclick = () => {
+    $("#notice").hidden = true;
+    retry();
+  };
+  $("#notice").hidden = false;
 }
 
-function startChat(name) {
-  localStorage.setItem(NAME_KEY, name);
-  $("who").textContent = name;
-  $("name-form").hidden = true;
-  $("chat").hidden = false;
-  showError("");
-  loadHistory(name);
-  $("message-input").focus();
-}
+// --- Streaming a reply ------------------------------------------------------------------
 
-async function send(event) {
-  event.preventDefault();
-  const input = $("message-input");
-  const message = input.value;
-  if (!message.trim()) return;
-  const username = localStorage.getItem(NAME_KEY);
-  showError("");
-  $("send").disabled = true;
-  const mine = addMessage(message, true);
-  const pending = addMessage("…", false, "pending");
-  input.value = "";
-  try {
-    const response = await fetch("/chat", {
-      method: "POST",
-      headers: { "Content-Type": "application/json", "Idempotency-Key": crypto.randomUUID() },
-      body: JSON.stringify({ message, username }),
+function follow(turnId, item, userText) {
+  stopFollowing();
+  const content = item.querySelector(".content");
+  const source = new EventSource(`/api/turns/${encodeURIComponent(turnId)}/stream`);
+  const turn = { id: turnId, source, text: "", pending: false };
+  state.turn = turn;
+  setStreaming(true);
+
+  const paint = () => {
+    if (turn.pending) return;
+    turn.pending = true;
+    requestAnimationFrame(() => {
+      turn.pending = false;
+      render(content, turn.text);
+      item.scrollIntoView({ block: "end" });
     });
-    if (!response.ok) {
-      pending.remove();
-      if (response.status === 422) { mine.remove(); input.value = message; }
-      showError(await errorText(response));
-      return;
+  };
+  const end = () => {
+    source.close();
+    if (state.turn === turn) {
+      state.turn = null;
+      setStreaming(false);
     }
-    const reply = await response.json();
-    pending.classList.remove("pending");
-    pending.textContent = reply.content;
-  } catch {
-    pending.remove();
-    mine.remove();
-    input.value = message;
-    showError("Could not reach Parley. Your message is still in the box; send it again.");
-  } finally {
-    $("send").disabled = false;
+    connection(null);
+    loadConversations();
+  };
+
+  source.addEventListener("open", () => connection(null));
+  source.addEventListener("token", (event) => {
+    turn.text += JSON.parse(event.data).text;
+    paint();
+  });
+  source.addEventListener("reset", () => {
+    turn.text = "";
+    paint();
+    connection("The model is answering again…");
+  });
+  for (const kind of ["done", "stopped"]) {
+    source.addEventListener(kind, (event) => {
+      const message = JSON.parse(event.data).message;
+      turn.text = message ? message.content : turn.text;
+      render(content, turn.text);
+      markEnded(item, kind === "done" ? "complete" : "stopped", kind === "stopped" ? "Stopped." : "");
+      end();
+    });
+  }
+  source.addEventListener("error", (event) => {
+    if (event.data) {
+      // The turn failed: the server says why.
+      render(content, turn.text);
+      markFailed(item, JSON.parse(event.data).detail, userText);
+      end();
+    } else if (source.readyState === EventSource.CONNECTING) {
+      connection("Connection lost; reconnecting…");
+    } else {
+      markFailed(item, "The reply could not be loaded.", userText);
+      end();
+    }
+  });
+}
+
+function stopFollowing() {
+  if (state.turn) {
+    state.turn.source.close();
+    state.turn = null;
+  }
+  setStreaming(false);
+  connection(null);
+}
+
+function setStreaming(on) {
+  $("#stop").hidden = !on;
+  $("#send").hidden = on;
+}
+
+function connection(text) {
+  $("#connection").textContent = text ?? "";
+  $("#connection").hidden = !text;
+}
+
+async function stop() {
+  if (!state.turn) return;
+  try {
+    await api("POST", `/api/turns/${encodeURIComponent(state.turn.id)}/cancel`);
+  } catch (error) {
+    showNotice(error.message);
   }
 }
 
-async function refreshTimes() {
+// --- Sending ------------------------------------------------------------------------------
+
+async function send(text) {
+  if (!text.trim() || state.turn) return;
+  $("#notice").hidden = true;
+  const input = $("#message-input");
+  input.value = "";
+  let sent = null;
   try {
-    const response = await fetch("/times");
-    if (!response.ok) return;
-    const times = await response.json();
-    $("cpu-time").textContent = `${times.cpu_time.toFixed(2)} s`;
-    $("wall-time").textContent = `${times.wall_clock_time.toFixed(2)} s`;
-    const local = typeof times.model_cpu_time === "number";
-    $("model-cpu").hidden = !local;
-    if (local) $("model-cpu-time").textContent = `${times.model_cpu_time.toFixed(2)} s`;
-  } catch { /* the next tick tries again */ }
+    if (!state.current) {
+      const created = await api("POST", "/api/conversations");
+      await openConversation(created.id, { push: true });
+    }
+    sent = showMessage({ role: "user", content: text, status: "complete" });
+    const turn = await api("POST", `/api/conversations/${state.current}/messages`, { content: text });
+    sent.dataset.turn = turn.turn_id;
+    const reply = showMessage({ role: "assistant", content: "", status: "streaming", turn_id: turn.turn_id });
+    follow(turn.turn_id, reply, text);
+  } catch (error) {
+    sent?.remove();
+    // The user's words are never lost: they go back where they were typed.
+    if (!input.value) input.value = text;
+    showNotice(error.message, () => send(input.value));
+  }
 }
 
-document.addEventListener("DOMContentLoaded", () => {
-  $("name-form").addEventListener("submit", (event) => {
-    event.preventDefault();
-    const name = $("name-input").value.trim();
-    if (name) startChat(name);
-  });
-  $("switch-user").addEventListener("click", () => {
-    localStorage.removeItem(NAME_KEY);
-    $("chat").hidden = true;
-    $("name-form").hidden = false;
-    $("name-input").focus();
-  });
-  $("chat-form").addEventListener("submit", send);
-  $("message-input").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey) {
+// --- Conversations ----------------------------------------------------------------------
+
+async function loadConversations() {
+  try {
+    const page = await api("GET", "/api/conversations?limit=200");
+    state.conversations = page.conversations;
+  } catch (error) {
+    showNotice(error.message, loadConversations);
+    return;
+  }
+  renderSidebar();
+}
+
+function renderSidebar() {
+  const list = $("#conversation-list");
+  list.replaceChildren();
+  for (const conversation of state.conversations) {
+    const item = document.createElement("li");
+    item.className = "conversation-item";
+    item.dataset.id = conversation.id;
+    const open = document.createElement("a");
+    open.className = "open";
+    open.href = `?c=${conversation.id}`;
+    open.textContent = conversation.title;
+    if (conversation.id === state.current) open.setAttribute("aria-current", "page");
+    open.addEventListener("click", (event) => {
       event.preventDefault();
-      $("chat-form").requestSubmit();
+      openConversation(conversation.id, { push: true });
+      document.body.classList.remove("sidebar-open");
+    });
+    const rename = actionButton("✎", `Rename ${conversation.title}`, () => startRename(item, conversation));
+    const remove = actionButton("✕", `Delete ${conversation.title}`, () => deleteConversation(conversation));
+    item.append(open, rename, remove);
+    list.append(item);
+  }
+  const current = state.conversations.find((c) => c.id === state.current);
+  $("#title").textContent = current ? current.title : "Parley";
+}
+
+function actionButton(symbol, label, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "icon";
+  button.textContent = symbol;
+  button.setAttribute("aria-label", label);
+  button.title = label;
+  button.addEventListener("click", action);
+  return button;
+}
+
+function startRename(item, conversation) {
+  const input = document.createElement("input");
+  input.className = "rename";
+  input.value = conversation.title;
+  input.maxLength = 200;
+  input.setAttribute("aria-label", "New name");
+  item.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== conversation.title) {
+      try {
+        await api("PATCH", `/api/conversations/${conversation.id}`, { title });
+      } catch (error) {
+        showNotice(error.message);
+      }
+    }
+    loadConversations();
+  };
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") finish(true);
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      finish(false);
     }
   });
-  const saved = localStorage.getItem(NAME_KEY);
-  if (saved) startChat(saved);
-  else $("name-input").focus();
-  refreshTimes();
-  setInterval(refreshTimes, 1000);
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function deleteConversation(conversation) {
+  if (!confirm(`Delete “${conversation.title}”? Its messages are gone for good.`)) return;
+  try {
+    await api("DELETE", `/api/conversations/${conversation.id}`);
+  } catch (error) {
+    showNotice(error.message);
+    return;
+  }
+  if (conversation.id === state.current) {
+    stopFollowing();
+    state.current = null;
+    history.pushState(null, "", location.pathname);
+    $("#messages").replaceChildren();
+    $("#empty").hidden = false;
+  }
+  loadConversations();
+}
+
+async function openConversation(id, { push }) {
+  stopFollowing();
+  state.current = id;
+  const url = `?c=${id}`;
+  if (push && location.search !== url) history.pushState(null, "", url);
+  $("#messages").replaceChildren();
+  $("#notice").hidden = true;
+  renderSidebar();
+  let page;
+  try {
+    page = await api("GET", `/api/conversations/${id}/messages?limit=200`);
+  } catch (error) {
+    state.current = null;
+    showNotice(error.status === 404 ? "That conversation does not exist (or is not yours)." : error.message);
+    return;
+  }
+  if (state.current !== id) return; // another one was opened meanwhile
+  $("#empty").hidden = page.messages.length > 0;
+  let lastUserText = "";
+  for (const message of page.messages) {
+    const item = showMessage(message);
+    if (message.role === "user") lastUserText = message.content;
+    else if (message.status === "stopped") markEnded(item, "stopped", "Stopped.");
+    else if (message.status === "failed") markFailed(item, message.error, lastUserText);
+    else if (message.status === "streaming") follow(message.turn_id, item, lastUserText);
+  }
+}
+
+// --- Usage panel ----------------------------------------------------------------------------
+
+function seconds(value) {
+  return value === null || value === undefined ? "–" : `${value.toFixed(3)} s`;
+}
+
+function dollars(value) {
+  return value < 0.01 ? `$${value.toFixed(7)}` : `$${value.toFixed(4)}`;
+}
+
+async function refreshUsage() {
+  let usage;
+  try {
+    usage = await api("GET", "/api/usage");
+  } catch {
+    return; // the panel keeps its last figures; the next tick tries again
+  }
+  $("#cpu-time").textContent = seconds(usage.cpu_time);
+  $("#wall-time").textContent = seconds(usage.wall_clock_time);
+  const model = usage.model_cpu_time !== null;
+  $("#model-cpu").hidden = !model;
+  $("#legend-model").hidden = !model;
+  if (model) $("#model-cpu-time").textContent = seconds(usage.model_cpu_time);
+  const costs = usage.costs;
+  $("#cost-cpu").textContent = dollars(costs.cpu_billed);
+  $("#cost-duration").textContent = dollars(costs.duration_billed);
+  $("#rates").textContent =
+    `At ${dollars(costs.price_cpu_second)} per CPU-second and ` +
+    `${dollars(costs.price_request_second)} per second of request time.`;
+  drawChart(usage.series, model);
+}
+
+function drawChart(series, model) {
+  const svg = $("#usage-chart");
+  const width = 300;
+  const height = 90;
+  const peak = Math.max(
+    0.001,
+    ...series.flatMap((b) => [b.cpu_time, b.wall_clock_time, b.model_cpu_time ?? 0]),
+  );
+  const line = (pick, name) => {
+    const points = series
+      .map((bucket, i) => {
+        const x = (i / Math.max(1, series.length - 1)) * width;
+        const y = height - (pick(bucket) / peak) * (height - 4) - 2;
+        return `${x.toFixed(1)},${y.toFixed(1)}`;
+      })
+      .join(" ");
+    const polyline = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    polyline.setAttribute("points", points);
+    polyline.setAttribute("class", name);
+    return polyline;
+  };
+  const lines = [line((b) => b.wall_clock_time, "series-wall"), line((b) => b.cpu_time, "series-cpu")];
+  if (model) lines.push(line((b) => b.model_cpu_time ?? 0, "series-model"));
+  svg.replaceChildren(...lines);
+}
+
+// --- Start --------------------------------------------------------------------------------
+
+function askName() {
+  $("#app").hidden = true;
+  $("#name-screen").hidden = false;
+  $("#name-input").focus();
+}
+
+async function start(name) {
+  state.user = name;
+  $("#who").textContent = name;
+  $("#name-screen").hidden = true;
+  $("#app").hidden = false;
+  await loadConversations();
+  const wanted = new URLSearchParams(location.search).get("c");
+  if (wanted) await openConversation(wanted, { push: false });
+  $("#message-input").focus();
+}
+
+$("#name-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const name = $("#name-input").value.trim();
+  if (!name) return;
+  rememberUser(name);
+  start(name);
 });
+
+$("#switch-user").addEventListener("click", () => {
+  stopFollowing();
+  forgetUser();
+  state.current = null;
+  history.pushState(null, "", location.pathname);
+  $("#messages").replaceChildren();
+  askName();
+});
+
+$("#new-chat").addEventListener("click", async () => {
+  try {
+    const created = await api("POST", "/api/conversations");
+    await loadConversations();
+    await openConversation(created.id, { push: true });
+    $("#message-input").focus();
+  } catch (error) {
+    showNotice(error.message);
+  }
+});
+
+$("#composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  send($("#message-input").value);
+});
+
+$("#message-input").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    send($("#message-input").value);
+  }
+});
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && state.turn) stop();
+});
+
+$("#stop").addEventListener("click", stop);
+
+$("#toggle-sidebar").addEventListener("click", () => {
+  const open = document.body.classList.toggle("sidebar-open");
+  $("#toggle-sidebar").setAttribute("aria-expanded", String(open));
+});
+
+window.addEventListener("popstate", () => {
+  const wanted = new URLSearchParams(location.search).get("c");
+  if (wanted) openConversation(wanted, { push: false });
+});
+
+const saved = localStorage.getItem(USER_KEY);
+if (saved) {
+  rememberUser(saved);
+  start(saved);
+} else {
+  askName();
+}
+refreshUsage();
+setInterval(refreshUsage, 1000);

@@ -1,0 +1,366 @@
+"""The page, driven in Debian's Chromium (headless) by Playwright.
+
+The browser is the system's ``chromium``; Playwright never downloads one. Screenshots of
+the main screen go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+
+from tests.conftest import ParleyServer, unique
+from tests.fake_provider import FakeProvider, reply_for
+
+CHROMIUM = os.environ.get("PARLEY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+SLOW = "[slow:0.1] " + " ".join(f"word{i}" for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+class Watched:
+    """A page, with what it did that it must not: dialogs, errors, requests elsewhere."""
+
+    def __init__(self, page: Page, base_url: str) -> None:
+        self.page = page
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        self.foreign_requests: list[str] = []
+        host = urlsplit(base_url).netloc
+        page.on("dialog", self._dialog)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on(
+            "request",
+            lambda request: (
+                None
+                if urlsplit(request.url).netloc == host
+                else self.foreign_requests.append(request.url)
+            ),
+        )
+        self.accept_dialogs = False
+
+    def _dialog(self, dialog: object) -> None:
+        self.dialogs.append(dialog.message)  # type: ignore[attr-defined]
+        if self.accept_dialogs:
+            dialog.accept()  # type: ignore[attr-defined]
+        else:
+            dialog.dismiss()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def watched(browser: Browser, server: ParleyServer) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield Watched(page, server.url)
+    context.close()
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
+) -> Iterator[ParleyServer]:
+    from tests.conftest import QUICK_RETRIES
+
+    running = ParleyServer(
+        tmp_path_factory.mktemp("parley-web"),
+        {"OPENAI_BASE_URL": provider.base_url, **QUICK_RETRIES},
+    ).start()
+    yield running
+    running.stop()
+
+
+def sign_in(page: Page, url: str, name: str | None = None) -> str:
+    name = name or unique("sailor")
+    page.goto(url)
+    expect(page.get_by_label("Your name")).to_be_visible()
+    page.get_by_label("Your name").fill(name)
+    page.get_by_role("button", name="Start chatting").click()
+    expect(page.locator("#who")).to_have_text(name)
+    return name
+
+
+def say(page: Page, text: str) -> None:
+    page.get_by_role("textbox", name="Message").fill(text)
+    page.keyboard.press("Enter")
+
+
+def reply(page: Page, number: int) -> Locator:
+    """The page's ``number``-th reply (from 1), once it is on the page."""
+    replies = page.locator(".message.assistant")
+    expect(replies.nth(number - 1)).to_be_attached()
+    return replies.nth(number - 1)
+
+
+# --- Chatting ------------------------------------------------------------------------
+
+
+def test_the_name_prompt_then_a_reply_that_streams_in(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    name = sign_in(page, server.url)
+    say(page, SLOW)
+    first = reply(page, 1)
+    # Part of the reply is on the page while the rest is still being written.
+    expect(first).to_have_attribute("data-status", "streaming")
+    expect(first.locator(".content")).to_contain_text("Arr!")
+    assert "word39" not in first.inner_text()
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    expect(first).to_have_attribute("data-status", "complete", timeout=20_000)
+    expect(first.locator(".content")).to_have_text(reply_for(SLOW))
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    # The conversation is in the URL and in the sidebar, named after the first message.
+    assert "?c=" in page.url
+    expect(page.locator(".conversation-item .open")).to_have_count(1)
+    # The name is remembered.
+    page.reload()
+    expect(page.locator("#who")).to_have_text(name)
+    expect(page.locator(".message.assistant .content")).to_have_text(reply_for(SLOW))
+    assert watched.errors == []
+
+
+def test_a_reload_mid_reply_shows_what_was_written_and_keeps_streaming(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    say(page, SLOW)
+    expect(reply(page, 1).locator(".content")).to_contain_text("word3")
+    page.reload()
+    again = reply(page, 1)
+    expect(again.locator(".content")).to_contain_text("word3", timeout=3_000)
+    expect(again).to_have_attribute("data-status", "streaming")
+    expect(again).to_have_attribute("data-status", "complete", timeout=20_000)
+    expect(again.locator(".content")).to_have_text(reply_for(SLOW))
+
+
+def test_stop_keeps_the_partial_reply(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    say(page, SLOW)
+    stopped = reply(page, 1)
+    expect(stopped.locator(".content")).to_contain_text("word2")
+    page.keyboard.press("Escape")
+    expect(stopped).to_have_attribute("data-status", "stopped")
+    expect(stopped).to_contain_text("Stopped.")
+    shown = stopped.locator(".content").inner_text()
+    assert "word2" in shown and "word39" not in shown
+    page.reload()
+    expect(reply(page, 1).locator(".content")).to_have_text(shown)
+
+
+def test_shift_enter_is_a_new_line_and_enter_sends(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    box = page.get_by_role("textbox", name="Message")
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    assert box.input_value() == "first line\nsecond line"
+    box.press("Enter")
+    expect(page.locator(".message.user .content")).to_have_text("first line\nsecond line")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+
+
+# --- Conversations -------------------------------------------------------------------
+
+
+def test_conversations_are_created_switched_renamed_and_deleted(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    say(page, "Charts of Tortuga")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    first_url = page.url
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".message")).to_have_count(0)
+    say(page, "Rum rations")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    items = page.locator(".conversation-item .open")
+    expect(items).to_have_text(["Rum rations", "Charts of Tortuga"])
+
+    items.filter(has_text="Charts of Tortuga").click()
+    expect(page.locator(".message.user .content")).to_have_text(["Charts of Tortuga"])
+    assert page.url == first_url
+    page.go_back()
+    expect(page.locator(".message.user .content")).to_have_text(["Rum rations"])
+
+    page.get_by_role("button", name="Rename Rum rations").click()
+    page.get_by_label("New name").fill("Provisions")
+    page.get_by_label("New name").press("Enter")
+    expect(items).to_have_text(["Provisions", "Charts of Tortuga"])
+    expect(page.locator("#title")).to_have_text("Provisions")
+
+    # Declining the confirmation keeps it; accepting deletes it.
+    page.get_by_role("button", name="Delete Provisions").click()
+    expect(items).to_have_count(2)
+    watched.accept_dialogs = True
+    page.get_by_role("button", name="Delete Provisions").click()
+    expect(items).to_have_text(["Charts of Tortuga"])
+    expect(page.locator(".message")).to_have_count(0)
+    assert len(watched.dialogs) == 2
+    page.reload()
+    expect(items).to_have_text(["Charts of Tortuga"])
+
+
+# --- Safety --------------------------------------------------------------------------
+
+
+XSS = (
+    '<img src=x onerror="window.__xss=1;alert(1)"> <script>window.__xss=2</script> '
+    "[click](javascript:window.__xss=3) ![pic](http://example.invalid/pic.png) "
+    "<iframe src=http://example.invalid></iframe> <a href=http://example.invalid>x</a>"
+)
+
+
+def test_html_in_messages_and_replies_stays_inert(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    say(page, XSS)
+    echo = reply(page, 1)
+    expect(echo).to_have_attribute("data-status", "complete")
+    # Raw HTML shows as the text it is, in the user's message and in the model's echo.
+    expect(page.locator(".message.user .content")).to_have_text(XSS)
+    expect(echo.locator(".content")).to_contain_text("<img src=x onerror=")
+    expect(echo.locator(".content")).to_contain_text("<script>window.__xss=2</script>")
+    messages = page.locator("#messages")
+    for tag in ("img", "script", "iframe"):
+        expect(messages.locator(tag)).to_have_count(0)
+    for link in messages.locator("a").all():
+        assert not (link.get_attribute("href") or "").startswith("javascript:")
+    messages.get_by_text("click", exact=True).click()
+    page.reload()
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.__xss") is None
+    assert watched.dialogs == []
+    assert watched.foreign_requests == []
+
+
+# --- Errors --------------------------------------------------------------------------
+
+
+def test_a_failed_reply_says_why_and_retry_works(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    text = unique("[fail-once:400] doomed at first")
+    say(page, text)
+    failed = reply(page, 1)
+    expect(failed).to_have_attribute("data-status", "failed")
+    expect(failed.get_by_role("alert")).to_contain_text("HTTP 400")
+    failed.get_by_role("button", name="Retry").click()
+    expect(reply(page, 2)).to_have_attribute("data-status", "complete")
+    expect(reply(page, 2).locator(".content")).to_have_text(reply_for(text))
+
+
+def test_a_send_that_fails_keeps_the_text(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    page.route("**/messages", lambda route: route.abort())
+    say(page, "do not lose me")
+    expect(page.locator("#notice")).to_contain_text("could not be reached")
+    assert page.get_by_role("textbox", name="Message").input_value() == "do not lose me"
+    expect(page.locator(".message")).to_have_count(0)
+    page.unroute("**/messages")
+    page.locator("#notice").get_by_role("button", name="Retry").click()
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    expect(page.locator(".message.user .content")).to_have_text(["do not lose me"])
+
+
+# --- Usage panel and screenshots -----------------------------------------------------
+
+
+def test_the_usage_panel_updates(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server.url)
+    say(page, "[slow:0.05] count the doubloons one by one")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    expect(page.locator("#wall-time")).not_to_have_text("0.000 s", timeout=5_000)
+    expect(page.locator("#cpu-time")).to_have_text(lambda_seconds())
+    expect(page.locator("#usage-chart polyline")).to_have_count(2)
+    expect(page.locator("#rates")).to_contain_text("per CPU-second")
+    expect(page.locator("#cost-duration")).to_contain_text("$")
+    expect(page.locator("#model-cpu")).to_be_hidden()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    say(page, "Show me a table:\n\n| ship | guns |\n| --- | --- |\n| Revenge | 40 |")
+    expect(reply(page, 2)).to_have_attribute("data-status", "complete")
+    expect(reply(page, 2).locator("table")).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "desktop.png"))
+    page.set_viewport_size({"width": 390, "height": 844})
+    expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
+    page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    page.get_by_role("button", name="Show conversations").click()
+    expect(page.get_by_role("button", name="New chat")).to_be_in_viewport()
+
+
+def lambda_seconds() -> object:
+    import re
+
+    return re.compile(r"^\d+\.\d{3} s$")
+
+
+# --- A restart, and the real model ---------------------------------------------------
+
+
+def test_the_page_reconnects_by_itself_across_a_server_restart(
+    browser: Browser, make_server: Callable[..., ParleyServer]
+) -> None:
+    restarting = make_server().start()
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    try:
+        sign_in(page, restarting.url)
+        say(page, SLOW)
+        expect(reply(page, 1).locator(".content")).to_contain_text("word2")
+        restarting.kill()
+        expect(page.locator("#connection")).to_contain_text("reconnecting")
+        restarting.start()
+        resumed = reply(page, 1)
+        expect(resumed).to_have_attribute("data-status", "complete", timeout=30_000)
+        expect(resumed.locator(".content")).to_have_text(reply_for(SLOW))
+        expect(page.locator("#connection")).to_be_hidden()
+    finally:
+        context.close()
+
+
+def test_the_page_chats_with_the_local_model(
+    browser: Browser, make_server: Callable[..., ParleyServer]
+) -> None:
+    local = make_server(local_model=True, PARLEY_MAX_REPLY_TOKENS="32").start()
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        sign_in(page, local.url)
+        say(page, "What is the capital of France?")
+        answer = reply(page, 1)
+        expect(answer).to_have_attribute("data-status", "complete")
+        assert answer.locator(".content").inner_text().strip()
+        expect(page.locator("#model-cpu")).to_be_visible()
+        expect(page.locator("#usage-chart polyline")).to_have_count(3)
+    finally:
+        context.close()
