@@ -175,7 +175,7 @@ def make_server(
     ) -> ParleyServer:
         full_env = {**QUICK_RETRIES, **env}
         if not local_model:
-            full_env["OPENAI_BASE_URL"] = provider.base_url
+            full_env.setdefault("OPENAI_BASE_URL", provider.base_url)
         if database_url is not None:
             full_env["DATABASE_URL"] = database_url
         server = ParleyServer(tmp_path_factory.mktemp("parley"), full_env)

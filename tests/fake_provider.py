@@ -11,6 +11,10 @@ directives:
 - ``[slow:SECONDS]``: when streaming, wait this long before each word after the first.
 
 The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to stream.
+
+``faults`` (a ``Faults``) makes it misbehave at random, at a given rate: answer 500,
+answer 429 with ``Retry-After``, hang past the client's timeout, or drop the connection in
+the middle of a streamed reply.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,10 +45,37 @@ class Call:
     messages: list[dict[str, Any]]
     stream: bool
     at: float = field(default_factory=time.time)
+    fault: str | None = None
 
     @property
     def last_user(self) -> str:
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+@dataclass
+class Faults:
+    """Misbehave on a fixed share of calls (``rate``, in tenths), taking turns at the kinds,
+    so that a test sees every kind, at the stated rate, whatever the order of its calls."""
+
+    rate: float
+    kinds: tuple[str, ...] = ("500", "429", "timeout", "drop")
+    hang_seconds: float = 5.0
+    dealt: Counter[str] = field(default_factory=Counter)
+    calls: int = 0
+
+    def draw(self) -> str | None:
+        self.calls += 1
+        faulty = round(self.rate * 10)
+        # Spread the faulty calls over each ten: rate 0.3 fails calls 1, 4 and 7 of ten.
+        if faulty == 0 or (self.calls - 1) % 10 not in {(i * 10) // faulty for i in range(faulty)}:
+            return None
+        kind = self.kinds[sum(self.dealt.values()) % len(self.kinds)]
+        self.dealt[kind] += 1
+        return kind
+
+
+class DroppedConnection(Exception):
+    """Raised inside a streamed response: uvicorn then cuts the connection short."""
 
 
 def reply_for(message: str) -> str:
@@ -54,6 +86,7 @@ class FakeProvider:
     def __init__(self, latency: float = 0.0) -> None:
         self.latency = latency
         self.calls: list[Call] = []
+        self.faults: Faults | None = None
         self._released = threading.Event()
         self._failed_once: set[str] = set()
         self._server: uvicorn.Server | None = None
@@ -85,10 +118,19 @@ class FakeProvider:
             elif name == "delay":
                 await asyncio.sleep(float(argument))
             elif name == "fail":
-                return JSONResponse({"error": {"message": "fake failure"}}, int(argument))
+                return _failure(int(argument))
             elif name == "fail-once" and text not in self._failed_once:
                 self._failed_once.add(text)
-                return JSONResponse({"error": {"message": "fake failure"}}, int(argument))
+                return _failure(int(argument))
+        fault = self.faults.draw() if self.faults is not None else None
+        call.fault = fault
+        if fault in ("500", "429"):
+            return _failure(int(fault))
+        if fault == "timeout":
+            assert self.faults is not None
+            await asyncio.sleep(self.faults.hang_seconds)
+        if fault == "drop" and not call.stream:
+            raise DroppedConnection
         if self.latency:
             await asyncio.sleep(self.latency)
         content = reply_for(text)
@@ -98,7 +140,8 @@ class FakeProvider:
                 (float(arg) for name, arg in _DIRECTIVE.findall(text) if name == "slow"), 0
             )
             return StreamingResponse(
-                self._chunks(content, model, pause), media_type="text/event-stream"
+                self._chunks(content, model, pause, drop=fault == "drop"),
+                media_type="text/event-stream",
             )
         return JSONResponse(
             {
@@ -117,11 +160,15 @@ class FakeProvider:
             }
         )
 
-    async def _chunks(self, content: str, model: str, pause: float) -> AsyncIterator[str]:
+    async def _chunks(
+        self, content: str, model: str, pause: float, *, drop: bool = False
+    ) -> AsyncIterator[str]:
         words = content.split(" ")
         for index, word in enumerate(words):
             if index and pause:
                 await asyncio.sleep(pause)
+            if drop and index == min(2, len(words) - 1):
+                raise DroppedConnection
             piece = word if index == 0 else " " + word
             chunk = {
                 "id": "chatcmpl-fake",
@@ -163,6 +210,11 @@ class FakeProvider:
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._thread.join(timeout=10)
+
+
+def _failure(code: int) -> JSONResponse:
+    headers = {"Retry-After": "1"} if code == 429 else None
+    return JSONResponse({"error": {"message": "fake failure"}}, code, headers=headers)
 
 
 def main() -> None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import httpx
+import psycopg
 import pytest
 
 from tests.api_client import (
+    Sse,
     as_user,
     messages,
     new_conversation,
@@ -156,3 +162,110 @@ def test_a_streaming_turn_killed_mid_reply_completes_once_after_restart(
         ("assistant", reply_for(question)),
         ("user", follow_up),
     ]
+
+
+T = TypeVar("T")
+
+
+def retrying(action: Callable[[], T], deadline: float) -> T:
+    """Do ``action`` until it works: while the server is down or starting, it cannot."""
+    while True:
+        try:
+            return action()
+        except (httpx.TransportError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def follow_to_the_end(http: httpx.Client, turn_id: str, deadline: float) -> list[Sse]:
+    """Read a turn's stream to its end event, reconnecting after each kill."""
+    events: list[Sse] = []
+    while not events or events[-1].event not in ("done", "error", "stopped"):
+        try:
+            for event in stream(http, turn_id, after=events[-1].id if events else None):
+                events.append(event)
+        except (httpx.TransportError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    return events
+
+
+def pending_workflows(server: ParleyServer, database_url: str | None) -> int:
+    query = "SELECT count(*) FROM {}workflow_status WHERE status IN ('PENDING', 'ENQUEUED')"
+    if database_url is None:
+        with sqlite3.connect(server.data_dir / "dbos.sqlite") as conn:
+            return int(conn.execute(query.format("")).fetchone()[0])
+    with psycopg.connect(database_url) as conn:
+        return int(conn.execute(query.format("dbos.")).fetchone()[0])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_accepted_turn_finishes_once_through_a_crash_loop(
+    make_server: Callable[..., ParleyServer],
+    database_url: str | None,
+    provider: FakeProvider,
+) -> None:
+    """100 turns from 20 concurrent clients; the server is SIGKILLed 5 times meanwhile."""
+    server = make_server(database_url, PARLEY_STREAM_FLUSH_SECONDS="0.2").start()
+    clients, turns_each, kills_wanted = 20, 5, 5
+    deadline = time.monotonic() + 240
+    spans: dict[str, tuple[float, float]] = {}
+    kills: list[float] = []
+
+    def client(index: int) -> tuple[str, str, list[str]]:
+        user = unique(f"crash{index}")
+        with as_user(server.client(timeout=30), user) as http:
+            conversation = retrying(lambda: new_conversation(http), deadline)
+            texts = []
+            for turn in range(turns_each):
+                text = unique(f"[slow:0.15] c{index} t{turn} " + " ".join("w" * 18))
+                started = time.monotonic()
+                key = f"turn-{turn}"
+                turn_id = retrying(
+                    lambda text=text, key=key: send(
+                        http, conversation, text, **{"Idempotency-Key": key}
+                    ),
+                    deadline,
+                )
+                events = follow_to_the_end(http, turn_id, deadline)
+                assert events[-1].event == "done", events[-1]
+                assert text_of(events) == reply_for(text)
+                spans[text] = (started, time.monotonic())
+                texts.append(text)
+        return user, conversation, texts
+
+    def killer() -> None:
+        chance = random.Random(7)
+        for _ in range(kills_wanted):
+            time.sleep(chance.uniform(1.0, 3.0))
+            server.kill()
+            kills.append(time.monotonic())
+            server.start()
+
+    with concurrent.futures.ThreadPoolExecutor(clients + 1) as pool:
+        killing = pool.submit(killer)
+        results = list(pool.map(client, range(clients)))
+        killing.result()
+
+    assert len(kills) == kills_wanted
+    assert any(start < kill < end for kill in kills for start, end in spans.values())
+    for user, conversation, texts in results:
+        with as_user(server.client(), user) as http:
+            stored = [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]
+            expected = []
+            for text in texts:
+                expected += [("user", text, "complete"), ("assistant", reply_for(text), "complete")]
+            assert stored == expected
+            # The model remembers each turn once, in order.
+            follow_up = unique("and?")
+            send_and_finish(http, conversation, follow_up)
+        (call,) = provider.calls_for(follow_up)
+        remembered = [m["content"] for m in call.messages[1:-1]]
+        assert remembered == [part for text in texts for part in (text, reply_for(text))]
+    # A turn is asked again only when a kill caught it in flight.
+    for text, (start, end) in spans.items():
+        caught = sum(start < kill < end for kill in kills)
+        assert len(provider.calls_for(text)) <= 1 + caught, text
+    assert pending_workflows(server, database_url) == 0

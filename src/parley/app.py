@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from parley import __version__, store, turns
-from parley.api import conversations, seed, usage
+from parley.api import conversations, health, seed, usage
 from parley.config import Settings
 from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
@@ -92,12 +92,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     # Recovery resumes only the workflows of the running version.
                     "application_version": __version__,
                     "log_level": settings.log_level.upper(),
+                    "db_engine_kwargs": {
+                        "connect_args": {"connect_timeout": max(1, round(settings.db_timeout))},
+                        "pool_timeout": settings.db_timeout,
+                    },
                 }
             )
             # Launched from the server's own event loop, so that turns DBOS recovers run
             # on this loop, beside the database pools they use.
             DBOS.launch()
             stack.callback(DBOS.destroy)
+            # On shutdown, turns in flight get a moment to finish (on this loop, so before
+            # DBOS stops); the rest resume at the next start, from their last step.
+            stack.push_async_callback(turns.drain, settings.shutdown_grace_seconds)
 
             sampler = asyncio.create_task(usage.run())
             stack.callback(sampler.cancel)
@@ -113,9 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.usage = UsageMeter()
     app.state.local_model = None
+    app.state.provider_check = None
     app.include_router(seed.router)
     app.include_router(conversations.router)
     app.include_router(usage.router)
+    app.include_router(health.router)
     app.mount("/static", CachedStaticFiles(directory=WEB_DIR), name="static")
     page = (WEB_DIR / "index.html").read_text().replace("{{version}}", asset_version())
 

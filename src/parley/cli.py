@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from parley import __version__
+from parley import __version__, logs
 from parley.config import ConfigurationError, Settings
 
 
@@ -31,17 +31,27 @@ def serve(settings: Settings) -> None:
 
     from parley.app import create_app
 
-    print(f"Parley {__version__}")
-    print(f"  model:    {settings.describe_model()}")
-    print(f"  data:     {settings.describe_database()}")
-    print(f"  serving:  http://{settings.host}:{settings.port}", flush=True)
+    banner = {
+        "model": settings.describe_model(),
+        "data": settings.describe_database(),
+        "serving": f"http://{settings.host}:{settings.port}",
+    }
+    if settings.log_format == "json":  # every line of output stays machine-readable
+        logging.getLogger("parley").warning(
+            "Parley %s; %s", __version__, "; ".join(f"{k}: {v}" for k, v in banner.items())
+        )
+    else:
+        print(f"Parley {__version__}")
+        for name, value in banner.items():
+            print(f"  {name + ':':9} {value}", flush=True)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # Connections left open by clients must not hold a shutdown back for long.
-        timeout_graceful_shutdown=10,
+        log_config=None,  # logs.setup() has configured logging, uvicorn's included
+        # Connections left open by clients (reply streams) must not hold a shutdown back.
+        timeout_graceful_shutdown=5,
     )
 
 
@@ -85,13 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("alembic", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = _settings(args)
+        logs.setup(settings)
         args.run(settings)
     except ValidationError as error:
         problems = "; ".join(

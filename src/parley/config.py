@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     data_dir: Path = Path("parley-data")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one JSON object per line, for log collectors.
+    log_format: Literal["text", "json"] = "text"
 
     # Unset means the embedded SQLite files in ``data_dir``.
     database_url: str | None = Field(
@@ -61,6 +63,14 @@ class Settings(BaseSettings):
     memory_max_messages: int = Field(default=40, ge=2)
 
     max_message_chars: int = Field(default=16_000, ge=1)
+
+    # Seconds to connect to the database or wait for a pooled connection, and the longest
+    # one statement may run: a database that stops answering fails requests, not hangs them.
+    db_timeout: float = Field(default=10.0, gt=0)
+    db_statement_timeout: float = Field(default=30.0, gt=0)
+    # On SIGTERM: how long turns in flight may take to finish before Parley exits anyway
+    # (the rest resume at the next start).
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
     # Streaming: a reply's pieces reach readers in this process at once, and its durable
     # stream (for other processes, and after a crash) at most this often.

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import httpx2
 import openai
 import psutil
 from langchain_openai import ChatOpenAI
@@ -28,8 +30,13 @@ from parley.config import Settings
 
 logger = logging.getLogger("parley.llm")
 
+# A connection that breaks in the middle of a streamed reply surfaces as the HTTP
+# client's own error (the OpenAI client uses httpx2), not as an OpenAI one.
+TRANSPORT_ERRORS = (httpx.TransportError, httpx2.TransportError)
 # What the OpenAI client raises when the provider, not Parley, is at fault.
-PROVIDER_ERRORS = (openai.APIConnectionError, openai.APIStatusError)
+PROVIDER_ERRORS = (openai.APIConnectionError, openai.APIStatusError, *TRANSPORT_ERRORS)
+# The longest Retry-After Parley honours; a provider asking for more gets a failed attempt.
+MAX_RETRY_AFTER = 60.0
 
 
 def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpenAI:
@@ -56,11 +63,30 @@ def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpen
 
 def is_retryable(error: BaseException) -> bool:
     """Whether asking again may succeed: network trouble, overload, server faults."""
-    if isinstance(error, openai.APIConnectionError):  # includes timeouts
+    if isinstance(error, (openai.APIConnectionError, *TRANSPORT_ERRORS)):  # and timeouts
         return True
     if isinstance(error, openai.APIStatusError):
         return error.status_code in (408, 409, 429) or error.status_code >= 500
     return False
+
+
+def pause_before_retry(error: BaseException, interval: float) -> float:
+    """Seconds to wait, on top of the step's exponential backoff, before the next attempt.
+
+    The provider's ``Retry-After`` when it gave one; otherwise random jitter up to one
+    interval, so that turns failed by one outage do not all retry at the same instant.
+    """
+    if isinstance(error, openai.APIStatusError):
+        value = error.response.headers.get("retry-after")
+        try:
+            return (
+                min(max(float(value), 0.0), MAX_RETRY_AFTER)
+                if value
+                else random.uniform(0, interval)
+            )
+        except ValueError:  # an HTTP date: rare enough to treat as "soon"
+            return interval
+    return random.uniform(0, interval)
 
 
 def describe(error: BaseException) -> str:
@@ -69,6 +95,8 @@ def describe(error: BaseException) -> str:
         return "The model provider did not answer in time."
     if isinstance(error, openai.APIConnectionError):
         return "The model provider could not be reached."
+    if isinstance(error, TRANSPORT_ERRORS):
+        return "The connection to the model provider broke off."
     if isinstance(error, openai.AuthenticationError):
         return "The model provider refused Parley's credentials."
     if isinstance(error, openai.RateLimitError):

@@ -193,16 +193,19 @@ async def open_checkpointer(settings: Settings) -> AsyncIterator[BaseCheckpointS
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {POSTGRES_SCHEMA}")
         # A pool, not the saver's single connection: hundreds of turns read and write
         # checkpoints at once.
+        statement_ms = round(settings.db_statement_timeout * 1000)
         async with AsyncConnectionPool(
             conninfo,
             min_size=2,
             max_size=20,
             open=False,
+            timeout=settings.db_timeout,
             kwargs={
                 "autocommit": True,
                 "prepare_threshold": 0,
                 "row_factory": dict_row,
-                "options": f"-c search_path={POSTGRES_SCHEMA}",
+                "connect_timeout": max(1, round(settings.db_timeout)),
+                "options": f"-c search_path={POSTGRES_SCHEMA} -c statement_timeout={statement_ms}",
             },
         ) as pool:
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]

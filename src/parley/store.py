@@ -186,14 +186,29 @@ class Store:
             # No pre-ping: it costs a round trip per checkout, about a tenth of a turn's
             # CPU. A connection that died with its server is discarded (with the rest of
             # the pool) on first use, and that one request gets a 503.
-            engine = create_async_engine(url, pool_size=20, max_overflow=20)
+            engine = create_async_engine(
+                url,
+                pool_size=20,
+                max_overflow=20,
+                pool_timeout=settings.db_timeout,
+                connect_args={
+                    "timeout": settings.db_timeout,
+                    "command_timeout": settings.db_statement_timeout,
+                },
+            )
         else:
-            engine = create_async_engine(url)
+            engine = create_async_engine(
+                url, pool_timeout=settings.db_timeout, connect_args={"timeout": settings.db_timeout}
+            )
             sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return cls(engine)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
 
     # --- Conversations ---------------------------------------------------------------
 

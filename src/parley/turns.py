@@ -17,7 +17,9 @@ A streaming turn also writes its reply, piece by piece, to its event stream
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from parley.config import Settings
 from parley.memory import Memory
 from parley.store import ConversationBusy, Message, Store
 from parley.usage import UsageMeter
+
+logger = logging.getLogger("parley.turns")
 
 
 class TurnFailed(Exception):
@@ -48,6 +52,22 @@ class Services:
 # Steps are module-level functions (DBOS finds them by name on recovery), so the services
 # they use are installed here once at start-up by the app's lifespan.
 _services: Services | None = None
+
+
+# The turns this process is running, so that a shutdown can let them finish.
+_running: set[str] = set()
+_idle = asyncio.Event()
+_idle.set()
+
+
+async def drain(grace_seconds: float) -> None:
+    """Wait up to ``grace_seconds`` for the turns in flight to finish."""
+    if _running:
+        logger.info("waiting up to %.0f s for %d turns to finish", grace_seconds, len(_running))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_idle.wait(), grace_seconds)
+    if _running:
+        logger.warning("%d turns will resume at the next start", len(_running))
 
 
 def install(services: Services | None) -> None:
@@ -83,7 +103,11 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
     """
     parts = services()
     if not stream:
-        reply = await parts.memory.reply(conversation_id, turn_id, text)
+        try:
+            reply = await parts.memory.reply(conversation_id, turn_id, text)
+        except llm.PROVIDER_ERRORS as error:
+            await _before_retry(error)
+            raise
         return {"text": reply.text, "stopped": False, "tail": None}
     started = await parts.store.start_model_run(turn_id)
     settings = parts.settings
@@ -100,8 +124,19 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
         # memory already holds of the reply, and ask for nothing more.
         text_so_far = await parts.memory.reply_so_far(conversation_id, turn_id)
         return {"text": text_so_far, "stopped": True, "tail": None}
-    reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+    try:
+        reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+    except llm.PROVIDER_ERRORS as error:
+        await _before_retry(error)
+        raise
     return {"text": reply.text, "stopped": reply.stopped, "tail": writer.tail()}
+
+
+async def _before_retry(error: BaseException) -> None:
+    if llm.is_retryable(error):
+        pause = llm.pause_before_retry(error, services().settings.llm_retry_interval)
+        logger.warning("the model failed (%s); asking again in %.2f s", llm.describe(error), pause)
+        await asyncio.sleep(pause)
 
 
 def _ask_model_options(settings: Settings) -> StepOptions:
@@ -159,10 +194,13 @@ async def forget_failed_turn(conversation_id: str, turn_id: str) -> None:
 
 
 @DBOS.workflow()
-async def chat_turn(conversation_id: str, text: str, stream: bool) -> str:
+async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, Any]:
+    """One turn; its outcome: ``{"status", "text", "error"}``."""
     turn_id = DBOS.workflow_id
     assert turn_id is not None
     started = time.monotonic()
+    _running.add(turn_id)
+    _idle.clear()
     try:
         try:
             outcome = await DBOS.run_step_async(
@@ -177,19 +215,26 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> str:
             if isinstance(error, dbos_errors.DBOSMaxStepRetriesExceeded) and error.errors:
                 error = error.errors[-1]
             detail = llm.describe(error)
+            logger.warning("the turn failed: %s", detail)
             await forget_failed_turn(conversation_id, turn_id)
             await save_reply(conversation_id, turn_id, "", "failed", error=detail, stream=stream)
-            raise TurnFailed(detail) from None
+            # A failed turn is an outcome, not a crash of the workflow.
+            return {"status": "failed", "text": "", "error": detail}
+        status = "stopped" if outcome["stopped"] else "complete"
         await save_reply(
             conversation_id,
             turn_id,
             outcome["text"],
-            "stopped" if outcome["stopped"] else "complete",
+            status,
             stream=stream,
             tail=outcome["tail"],
         )
-        return str(outcome["text"])
+        logger.info("turn %s in %.2f s", status, time.monotonic() - started)
+        return {"status": status, "text": outcome["text"], "error": None}
     finally:
+        _running.discard(turn_id)
+        if not _running:
+            _idle.set()
         services().usage.record_turn(time.monotonic() - started)
         streams.abandon(turn_id)
 
@@ -217,7 +262,7 @@ async def start_turn(
     stream: bool,
     create_conversation: bool = False,
     wait_if_busy: bool = False,
-) -> WorkflowHandleAsync[str]:
+) -> WorkflowHandleAsync[dict[str, Any]]:
     """Store the user's message and start (or join, when ``turn_id`` exists) its workflow.
 
     Raises ``ConversationNotFound``, or ``ConversationBusy`` while another reply is being
@@ -263,4 +308,7 @@ async def run_turn(owner: str, conversation_id: str, text: str, turn_id: str) ->
         create_conversation=True,
         wait_if_busy=True,
     )
-    return await handle.get_result()
+    outcome = await handle.get_result()
+    if outcome["status"] == "failed":
+        raise TurnFailed(outcome["error"])
+    return str(outcome["text"])
