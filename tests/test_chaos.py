@@ -7,12 +7,13 @@ import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 
@@ -69,12 +70,15 @@ class ThrowawayPostgres:
 
 
 @pytest.fixture
-def throwaway_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayPostgres]:
-    cluster = ThrowawayPostgres(tmp_path_factory.mktemp("pg")).init()
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    # Not under pytest's temporary directory: the postgres user could not reach it.
+    root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+    cluster = ThrowawayPostgres(root).init()
     cluster.start()
     yield cluster
     with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
         cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_parley_keeps_serving_across_a_database_restart(
@@ -133,13 +137,16 @@ def test_parley_keeps_serving_across_a_database_restart(
 def test_clients_that_never_read_do_not_slow_the_others(
     make_server: Callable[..., ParleyServer],
 ) -> None:
-    server = make_server(PARLEY_LOG_LEVEL="warning").start()
+    server = make_server(PARLEY_MAX_MESSAGE_CHARS="100000").start()
     user = unique("slowpoke")
     with as_user(server.client(), user) as http:
         conversation = new_conversation(http)
-        # A long reply, so that unread streams have plenty to back up.
-        long_text = unique("[slow:0.002] " + " ".join(f"word{i}" for i in range(3000)))
+        # A long reply written fast (1,500 pieces, 250 a second), so that unread streams
+        # have plenty to back up.
+        long_text = unique("[slow:0.004] " + " ".join(f"word{i:05}" for i in range(1500)))
         turn_id = send(http, conversation, long_text)
+    process = psutil.Process(server.pid)
+    rss_before = process.memory_info().rss
 
     # 200 readers of that stream that read nothing at all.
     request = (
@@ -152,9 +159,13 @@ def test_clients_that_never_read_do_not_slow_the_others(
         sock.sendall(request)
         sockets.append(sock)
     try:
-        process = psutil.Process(server.pid)
-        rss_before = process.memory_info().rss
-        # Meanwhile, another user chats as usual.
+        # The turn itself is not held back by its readers.
+        with as_user(server.client(), user) as http:
+            deadline = time.monotonic() + 60
+            while messages(http, conversation)[-1]["status"] != "complete":
+                assert time.monotonic() < deadline, "the long turn did not finish"
+                time.sleep(0.1)
+        # With 200 streams stuck behind full buffers, another user chats as usual.
         with as_user(server.client(timeout=30), unique()) as other:
             chat = new_conversation(other)
             started = time.monotonic()
@@ -163,18 +174,73 @@ def test_clients_that_never_read_do_not_slow_the_others(
                 events = list(stream(other, send(other, chat, text)))
                 assert text_of(events) == reply_for(text)
             elapsed = time.monotonic() - started
-        assert elapsed < 5, f"three quick turns took {elapsed:.1f} s beside 200 stuck readers"
+        assert elapsed < 2, f"three quick turns took {elapsed:.1f} s beside 200 stuck readers"
         with server.client() as http:
             assert http.get("/healthz", timeout=2).status_code == 200
         grown = process.memory_info().rss - rss_before
         assert grown < 100 * 2**20, f"resident memory grew by {grown / 2**20:.0f} MiB"
+        # They are real, open streams: the server answered each.
+        assert sockets[0].recv(15) == b"HTTP/1.1 200 OK"
     finally:
         for sock in sockets:
             sock.close()
-    # The long turn itself was never held back by its readers.
+    with server.client() as http:
+        assert http.get("/healthz").status_code == 200
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 32 MiB file system of the test's own (tmpfs), to fill up."""
+    mount_point = Path(tempfile.mkdtemp(prefix="parley-disk-"))
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mount_point)],
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.CalledProcessError, FileNotFoundError) as error:
+        pytest.fail(f"this test mounts a tmpfs and needs root to: {error}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    mount_point.rmdir()
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 2**20)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_is_reported_and_survived(
+    make_server: Callable[..., ParleyServer], small_disk: Path
+) -> None:
+    server = make_server(PARLEY_LOG_LEVEL="warning")
+    server.data_dir = small_disk / "data"
+    server.start()
+    user = unique()
     with as_user(server.client(), user) as http:
-        deadline = time.monotonic() + 60
-        while messages(http, conversation)[-1]["status"] != "complete":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        assert httpx.get(f"{server.url}/healthz").status_code == 200
+        conversation = new_conversation(http)
+        before = unique("before")
+        assert text_of(list(stream(http, send(http, conversation, before)))) == reply_for(before)
+
+        filler = fill(small_disk)
+        refused = http.post(f"/api/conversations/{conversation}/messages", json={"content": "no"})
+        assert refused.status_code == 503, refused.text
+        assert "storage" in refused.json()["detail"]
+        assert refused.headers["retry-after"] == "1"
+        filler.unlink()  # space returns
+        after = unique("after")
+        assert text_of(list(stream(http, send(http, conversation, after)))) == reply_for(after)
+        contents = [m["content"] for m in messages(http, conversation) if m["role"] == "user"]
+    assert contents == [before, after]  # the refused message left nothing behind
+    assert "storage" in server.log()
+    server.stop()
+    for name in ("dbos.sqlite", "parley.sqlite", "memory.sqlite"):
+        with sqlite3.connect(server.data_dir / name) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",), name

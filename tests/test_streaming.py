@@ -33,12 +33,12 @@ def http(client: httpx.Client) -> httpx.Client:
 
 def test_a_reply_streams_as_tokens_then_done(http: httpx.Client, provider: FakeProvider) -> None:
     conversation = new_conversation(http)
-    question = unique("where be the gold")
+    question = unique("[slow:0.06] where be the gold")
     turn_id = send(http, conversation, question)
     events = list(stream(http, turn_id))
 
     assert [e.event for e in events[:-1]] == ["token"] * (len(events) - 1)
-    assert len(events) > 3  # word by word, not in one piece
+    assert len(events) > 5  # piece by piece as written, not in one lump
     assert text_of(events) == reply_for(question)
     done = events[-1]
     assert done.event == "done"
@@ -62,11 +62,20 @@ def test_a_reply_streams_as_tokens_then_done(http: httpx.Client, provider: FakeP
 
 def test_a_finished_turn_replays_whole_and_resumes_after_any_event(http: httpx.Client) -> None:
     conversation = new_conversation(http)
-    turn_id = send(http, conversation, unique("[slow:0.01] one two three four five"))
+    question = unique("[slow:0.01] one two three four five")
+    turn_id = send(http, conversation, question)
+    live = list(stream(http, turn_id))  # piece by piece, as it was written
     everything = list(stream(http, turn_id))
-    assert list(stream(http, turn_id)) == everything  # replay: identical
-    for index, event in enumerate(everything):
-        assert list(stream(http, turn_id, after=event.id)) == everything[index + 1 :]
+    assert list(stream(http, turn_id)) == everything  # a replay is always the same
+    assert text_of(everything) == text_of(live) == reply_for(question)
+    assert everything[-1] == live[-1]
+    # Resuming after any event, of the live reading or of a replay, misses nothing and
+    # repeats nothing.
+    for seen in (live, everything):
+        for index, event in enumerate(seen):
+            rest = list(stream(http, turn_id, after=event.id))
+            assert text_of(seen[: index + 1]) + text_of(rest) == reply_for(question)
+            assert rest[-1:] == seen[-1:] if index < len(seen) - 1 else rest == []
     middle = everything[len(everything) // 2]
     assert (
         list(stream(http, turn_id, after=middle.id, query=True))
@@ -87,8 +96,10 @@ def test_reconnecting_mid_reply_misses_nothing_and_repeats_nothing(http: httpx.C
     seen.extend(stream(http, turn_id, after=seen[-1].id))
     assert seen[-1].event == "done"
     assert text_of(seen) == reply_for(question)
-    assert len({e.id for e in seen}) == len(seen)
-    assert seen == list(stream(http, turn_id))
+    ids = [tuple(map(int, e.id.split("."))) for e in seen]
+    assert ids == sorted(set(ids))  # nothing repeated
+    replay = list(stream(http, turn_id))
+    assert text_of(replay) == text_of(seen) and replay[-1] == seen[-1]
 
 
 def test_two_readers_of_one_turn_see_the_same_text(http: httpx.Client) -> None:
@@ -106,8 +117,9 @@ def test_two_readers_of_one_turn_see_the_same_text(http: httpx.Client) -> None:
         reader.start()
     for reader in readers:
         reader.join(timeout=30)
-    assert results[0] == results[1]
-    assert text_of(results[0]) == reply_for(question)
+    # The same text and the same end, however each reader's pieces were grouped.
+    assert text_of(results[0]) == text_of(results[1]) == reply_for(question)
+    assert results[0][-1] == results[1][-1]
 
 
 def test_a_client_that_disconnects_does_not_stop_the_turn(http: httpx.Client) -> None:

@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from dbos import DBOS
 from fastapi import FastAPI, Request, Response, status
@@ -134,12 +136,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # are picked up at once, while the assets themselves are cached for good.
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
-    @app.exception_handler(sa.exc.DBAPIError)
-    async def database_unavailable(_request: Request, error: sa.exc.DBAPIError) -> JSONResponse:
-        logger.error("database error: %s", error.orig)
+    async def database_unavailable(_request: Request, error: Exception) -> JSONResponse:
+        if not store.is_transient(error):
+            raise error
+        reason = str(getattr(error, "orig", error))
+        if any(sign in reason for sign in ("disk is full", "readonly", "read-only", "disk I/O")):
+            detail = "Parley's storage is full or cannot be written; try again later."
+        else:
+            detail = "The database is unavailable; try again shortly."
+        logger.error("%s (%s)", detail, reason)
         return JSONResponse(
-            {"detail": "The database is unavailable; try again shortly."},
+            {"detail": detail},
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
         )
+
+    for database_error in (sa.exc.DBAPIError, psycopg.Error, sqlite3.Error, ConnectionError):
+        app.add_exception_handler(database_error, database_unavailable)  # type: ignore[arg-type]
 
     return app

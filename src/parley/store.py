@@ -89,6 +89,27 @@ def seed_conversation_id(username: str) -> str:
     return str(uuid.uuid5(_SEED_NAMESPACE, username))
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a database error may pass if the operation is tried again: the server is
+    restarting or unreachable, a connection broke, SQLite's file is locked or its disk full."""
+    import sqlite3
+
+    import psycopg
+
+    if isinstance(error, sa.exc.DBAPIError):
+        return error.connection_invalidated or isinstance(
+            error, sa.exc.OperationalError | sa.exc.InterfaceError
+        )
+    return isinstance(
+        error,
+        psycopg.OperationalError
+        | psycopg.InterfaceError
+        | sqlite3.OperationalError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
 class ConversationNotFound(Exception):
     """No such conversation, or not the caller's: the two are not told apart."""
 

@@ -40,6 +40,8 @@ from dbos import error as dbos_errors
 logger = logging.getLogger("parley.streams")
 
 STREAM_KEY = "events"
+# Readers get at most this many batches of a reply per second (25): smooth to the eye.
+FRAME_SECONDS = 0.04
 
 EventType = Literal["token", "reset", "done", "error", "stopped"]
 TERMINAL: frozenset[str] = frozenset({"done", "error", "stopped"})
@@ -75,6 +77,21 @@ class Event:
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL
+
+
+def merge(events: list[Event]) -> list[Event]:
+    """Consecutive ``token`` events as one, under the last one's id.
+
+    Nothing is lost or repeated: a reader that resumes after that id gets what follows it.
+    """
+    merged: list[Event] = []
+    for event in events:
+        if event.type == "token" and merged and merged[-1].type == "token":
+            text = merged[-1].data["text"] + event.data["text"]
+            merged[-1] = Event(event.id, "token", {"text": text})
+        else:
+            merged.append(event)
+    return merged
 
 
 def expand(value: dict[str, Any]) -> list[Event]:
@@ -143,16 +160,29 @@ class LiveTurn:
         return "".join(parts)
 
     async def follow(self, after: EventId) -> AsyncIterator[Event]:
+        """The events after ``after``.
+
+        Pieces that pile up while the reader is busy arrive as one (see ``merge``), and a
+        reader is sent at most one batch per ``FRAME_SECONDS``: a fast model costs each
+        reader a bounded number of writes, and a slow reader costs less, not more. The
+        first piece after a pause goes out at once.
+        """
         index = 0
+        sent = 0.0
         while True:
-            while index < len(self.events):
-                event = self.events[index]
-                index += 1
-                if event.id > after:
-                    yield event
+            pending = [event for event in self.events[index:] if event.id > after]
+            index = len(self.events)
+            for event in merge(pending):
+                yield event
                 if event.terminal:
                     return
+            if pending:
+                sent = time.monotonic()
+            if self.events and self.events[-1].terminal:
+                return
             await self._wake.wait()
+            if (wait := FRAME_SECONDS - (time.monotonic() - sent)) > 0:
+                await asyncio.sleep(wait)
 
 
 _live: dict[str, LiveTurn] = {}
@@ -276,11 +306,11 @@ async def read(turn_id: str, after: EventId = START) -> AsyncIterator[Event]:
     if live is None or (live.epoch_from > 1 and after < EventId(live.epoch_from, 0)):
         # Earlier epochs than this process ran (or the whole turn, when this process
         # does not run it) come from the durable stream.
-        async for event in _read_durable(turn_id):
+        async for value in _read_durable(turn_id):
             live = live or await _live_turn(turn_id)
-            if live is not None and event.id.epoch >= live.epoch_from:
+            if live is not None and value[0].id.epoch >= live.epoch_from:
                 break  # the live turn holds the rest, and holds it sooner
-            if event.id > after:
+            for event in merge([event for event in value if event.id > after]):
                 yield event
                 after = event.id
                 if event.terminal:
@@ -302,14 +332,13 @@ async def _live_turn(turn_id: str) -> LiveTurn | None:
     return live
 
 
-async def _read_durable(turn_id: str) -> AsyncIterator[Event]:
+async def _read_durable(turn_id: str) -> AsyncIterator[list[Event]]:
     # The workflow is started right after its messages are stored; a reader quick enough
     # to see the messages first waits a moment for it.
     for _ in range(50):
         try:
             async for value in DBOS.read_stream_async(turn_id, STREAM_KEY):
-                for event in expand(value):
-                    yield event
+                yield expand(value)
             return
         except dbos_errors.DBOSNonExistentWorkflowError:
             await asyncio.sleep(0.1)

@@ -31,7 +31,7 @@ from dbos import error as dbos_errors
 from parley import llm, streams
 from parley.config import Settings
 from parley.memory import Memory
-from parley.store import ConversationBusy, Message, Store
+from parley.store import ConversationBusy, Message, Store, is_transient
 from parley.usage import UsageMeter
 
 logger = logging.getLogger("parley.turns")
@@ -146,11 +146,26 @@ def _ask_model_options(settings: Settings) -> StepOptions:
         "max_attempts": settings.llm_attempts,
         "interval_seconds": settings.llm_retry_interval,
         "backoff_rate": 2.0,
-        "should_retry": llm.is_retryable,
+        "should_retry": _worth_retrying,
     }
 
 
-@DBOS.step()
+def _worth_retrying(error: BaseException) -> bool:
+    return llm.is_retryable(error) or is_transient(error)
+
+
+# The bookkeeping steps retry database hiccups (a restart, a locked file) for about a
+# minute; a model step does so within its own attempts.
+_DATABASE_RETRIES: StepOptions = {
+    "retries_allowed": True,
+    "max_attempts": 8,
+    "interval_seconds": 0.5,
+    "backoff_rate": 2.0,
+    "should_retry": is_transient,
+}
+
+
+@DBOS.step(**_DATABASE_RETRIES)
 async def save_reply(
     conversation_id: str,
     turn_id: str,
@@ -188,7 +203,7 @@ async def save_reply(
     await streams.finish(turn_id, event, tail)
 
 
-@DBOS.step()
+@DBOS.step(**_DATABASE_RETRIES)
 async def forget_failed_turn(conversation_id: str, turn_id: str) -> None:
     await services().memory.forget(conversation_id, turn_id)
 
@@ -214,7 +229,11 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
         except (dbos_errors.DBOSMaxStepRetriesExceeded, *llm.PROVIDER_ERRORS) as error:
             if isinstance(error, dbos_errors.DBOSMaxStepRetriesExceeded) and error.errors:
                 error = error.errors[-1]
-            detail = llm.describe(error)
+            detail = (
+                "The database was unavailable; try again."
+                if is_transient(error)
+                else llm.describe(error)
+            )
             logger.warning("the turn failed: %s", detail)
             await forget_failed_turn(conversation_id, turn_id)
             await save_reply(conversation_id, turn_id, "", "failed", error=detail, stream=stream)
@@ -282,10 +301,11 @@ async def start_turn(
             break
         except ConversationBusy as busy:
             status = await DBOS.get_workflow_status_async(busy.turn_id) if busy.turn_id else None
-            if status is None:
-                # Stored by a request that died before it could start the workflow: no
-                # reply will ever come, so the conversation is not really busy.
-                await store.fail_orphan(busy.turn_id, "The turn was interrupted before it began.")
+            if status is None or status.status not in ("PENDING", "ENQUEUED"):
+                # Stored by a request that died before it could start the workflow, or
+                # left by a workflow that ended abnormally: no reply will ever come, so
+                # the conversation is not really busy.
+                await store.fail_orphan(busy.turn_id, "The turn was interrupted.")
                 continue
             if not wait_if_busy or time.monotonic() > deadline:
                 raise
