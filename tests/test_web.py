@@ -364,3 +364,42 @@ def test_the_page_chats_with_the_local_model(
         expect(page.locator("#usage-chart polyline")).to_have_count(3)
     finally:
         context.close()
+
+
+def test_accounts_mode_signs_up_chats_signs_out_and_in(
+    browser: Browser, make_server: Callable[..., ParleyServer]
+) -> None:
+    """The page in accounts mode, under its Content-Security-Policy."""
+    guarded = make_server(PARLEY_AUTH="accounts").start()
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    watched = Watched(page, guarded.url)
+    try:
+        page.goto(guarded.url)
+        name = unique("captain")
+        page.get_by_label("Your name").fill(name)
+        page.get_by_label("Password").fill("short")
+        page.get_by_role("button", name="Create an account").click()
+        expect(page.locator("#sign-in-error")).to_contain_text("password")
+        page.get_by_label("Password").fill("a long enough secret")
+        page.get_by_role("button", name="Create an account").click()
+        expect(page.locator("#who")).to_have_text(name)
+        say(page, "[slow:0.05] ahoy from a signed-in captain")
+        expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_label("Password")).to_be_visible()
+        page.reload()
+        expect(page.get_by_label("Password")).to_be_visible()  # the session is gone
+        page.get_by_label("Your name").fill(name)
+        page.get_by_label("Password").fill("a long enough secret")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator(".conversation-item .open")).to_have_count(1)
+        page.locator(".conversation-item .open").click()
+        expect(reply(page, 1).locator(".content")).to_have_text(
+            reply_for("[slow:0.05] ahoy from a signed-in captain")
+        )
+        assert watched.errors == [] and watched.foreign_requests == []
+    finally:
+        context.close()

@@ -17,10 +17,11 @@ from dbos import DBOS
 from fastapi import FastAPI, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley import __version__, store, turns
-from parley.api import conversations, health, seed, usage
+from parley.accounts import Accounts, session_secret
+from parley.api import auth, conversations, health, seed, usage
 from parley.config import Settings
 from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
@@ -59,6 +60,46 @@ class CachedStaticFiles(StaticFiles):
         return response
 
 
+# The page runs under this policy: its own scripts and styles only, no inline script,
+# nothing from elsewhere, never in a frame. The interactive API docs load Swagger UI from
+# a CDN, so they are left out of it.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class SecurityHeaders:
+    """Adds the security headers to every response (a plain ASGI middleware, so that
+    streamed responses get them too)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        docs = scope["path"] in ("/docs", "/redoc", "/docs/oauth2-redirect")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += _SECURITY_HEADERS
+                if not docs:
+                    headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -68,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.migrate(settings)
             chat_store = store.Store.from_settings(settings)
             stack.push_async_callback(chat_store.close)
+            if settings.auth == "accounts":
+                app.state.accounts = Accounts(chat_store.engine, session_secret(settings))
 
             usage = app.state.usage
             base_url = None
@@ -118,15 +161,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="A durable LLM chat service.",
         lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
     )
+    app.add_middleware(SecurityHeaders)
     app.state.settings = settings
     app.state.usage = UsageMeter()
     app.state.local_model = None
+    app.state.accounts = None
     app.state.provider_check = None
     app.include_router(seed.router)
     app.include_router(conversations.router)
     app.include_router(usage.router)
     app.include_router(health.router)
+    app.include_router(auth.router)
     app.mount("/static", CachedStaticFiles(directory=WEB_DIR), name="static")
     page = (WEB_DIR / "index.html").read_text().replace("{{version}}", asset_version())
 

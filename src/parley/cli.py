@@ -24,8 +24,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def serve(settings: Settings) -> None:
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def serve(settings: Settings, insecure_open: bool = False) -> None:
     settings.check_provider()
+    public = not (settings.host in LOOPBACK or settings.host.startswith("127."))
+    if public and settings.auth == "open" and not insecure_open:
+        raise ConfigurationError(
+            f"refusing to listen on {settings.host} in open mode, where anyone who can "
+            "reach the port can read every chat: set PARLEY_AUTH=accounts, or pass "
+            "--insecure-open if that is really what you want"
+        )
 
     import uvicorn
 
@@ -44,6 +54,11 @@ def serve(settings: Settings) -> None:
         print(f"Parley {__version__}")
         for name, value in banner.items():
             print(f"  {name + ':':9} {value}", flush=True)
+    if settings.auth == "open":
+        logging.getLogger("parley").warning(
+            "open mode: no passwords; anyone who can reach %s can read every chat",
+            banner["serving"],
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -79,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--data-dir", type=Path, help="where the SQLite files live (default ./parley-data)"
     )
+    serve_parser.add_argument(
+        "--insecure-open",
+        action="store_true",
+        help="allow open mode (no passwords) on a non-loopback address",
+    )
     serve_parser.set_defaults(run=serve)
 
     migrate_parser = commands.add_parser(
@@ -98,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = _settings(args)
         logs.setup(settings)
-        args.run(settings)
+        if args.run is serve:
+            serve(settings, insecure_open=args.insecure_open)
+        else:
+            args.run(settings)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}"

@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     # sharing one PostgreSQL needs a stable id of its own.
     executor_id: str = "local"
 
+    # "open": a name and no password, for one person on their own machine (the default,
+    # and only allowed on a loopback address unless --insecure-open). "accounts": sign-up
+    # and sign-in with passwords.
+    auth: Literal["open", "accounts"] = "open"
+    # Accounts mode: whether anyone may create an account (the first one always may).
+    signup: bool = True
+    # Accounts mode: the key sessions are stored under. Unset: generated once and kept in
+    # the data directory; replicas sharing a database must share one.
+    session_secret: SecretStr | None = None
+    # Requests with a larger body are refused (413) before it is read.
+    max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+
     @field_validator("database_url", "openai_base_url", "model", "model_path", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from parley import turns
+from parley.api.identity import SeedCaller
 from parley.api.validation import (
     Username,
     UsernamePath,
@@ -52,6 +53,7 @@ class ErrorBody(BaseModel):
     response_model=ChatMessage,
     responses={
         422: {"description": "A field is missing, of the wrong type, empty or too long."},
+        403: {"model": ErrorBody, "description": "Accounts mode: not the caller's name."},
         409: {"model": ErrorBody, "description": "An earlier turn still runs after a long wait."},
         502: {"model": ErrorBody, "description": "The model provider failed."},
     },
@@ -59,6 +61,7 @@ class ErrorBody(BaseModel):
 async def chat(
     body: ChatRequest,
     request: Request,
+    caller: SeedCaller,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -68,6 +71,8 @@ async def chat(
     ] = None,
 ) -> ChatMessage:
     """Run one durable chat turn and return the model's reply."""
+    if caller is not None and body.username != caller:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="You may chat only as yourself.")
     check_message(body.message, request.app.state.settings.max_message_chars, ("body", "message"))
     check_idempotency_key(idempotency_key)
     turn_id = turns.new_turn_id(body.username, idempotency_key)
@@ -94,8 +99,10 @@ async def chat(
 
 
 @router.get("/history/{username}", response_model=list[ChatMessage])
-async def history(username: UsernamePath) -> list[ChatMessage]:
+async def history(username: UsernamePath, caller: SeedCaller) -> list[ChatMessage]:
     """The user's messages and the model's replies, oldest first."""
+    if caller is not None and username != caller:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="That history is not yours.")
     messages = await turns.services().store.history(seed_conversation_id(username))
     return [ChatMessage(content=m.content, isUser=m.role == "user") for m in messages]
 

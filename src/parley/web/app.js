@@ -5,7 +5,8 @@ import { Marked } from "./vendor/marked-18.2.1.esm.js";
 import DOMPurify from "./vendor/purify-3.4.18.es.mjs";
 
 const $ = (selector) => document.querySelector(selector);
-const state = { user: null, conversations: [], current: null, turn: null };
+// mode: "open" (a name, no password) or "accounts" (sign in; see /api/auth).
+const state = { mode: "open", user: null, conversations: [], current: null, turn: null };
 
 // --- Who is chatting ------------------------------------------------------------------
 
@@ -31,12 +32,20 @@ class ApiError extends Error {
   }
 }
 
+function cookie(name) {
+  const found = document.cookie.split("; ").find((part) => part.startsWith(`${name}=`));
+  return found ? decodeURIComponent(found.slice(name.length + 1)) : "";
+}
+
 async function api(method, path, body) {
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  // Accounts mode: a change carries the session's CSRF token, which only this page can read.
+  if (method !== "GET" && cookie("parley_csrf")) headers["X-CSRF-Token"] = cookie("parley_csrf");
   let response;
   try {
     response = await fetch(path, {
       method,
-      headers: body === undefined ? {} : { "Content-Type": "application/json" },
+      headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
@@ -500,17 +509,47 @@ async function start(name) {
   $("#message-input").focus();
 }
 
+async function signIn(path) {
+  $("#sign-in-error").hidden = true;
+  try {
+    const me = await api("POST", path, {
+      username: $("#name-input").value.trim(),
+      password: $("#password-input").value,
+    });
+    $("#password-input").value = "";
+    start(me.username);
+  } catch (error) {
+    $("#sign-in-error").textContent = error.message;
+    $("#sign-in-error").hidden = false;
+  }
+}
+
 $("#name-form").addEventListener("submit", (event) => {
   event.preventDefault();
+  if (state.mode === "accounts") {
+    signIn("/api/auth/login");
+    return;
+  }
   const name = $("#name-input").value.trim();
   if (!name) return;
   rememberUser(name);
   start(name);
 });
 
-$("#switch-user").addEventListener("click", () => {
+$("#sign-up").addEventListener("click", () => signIn("/api/auth/signup"));
+
+$("#switch-user").addEventListener("click", async () => {
   stopFollowing();
-  forgetUser();
+  if (state.mode === "accounts") {
+    try {
+      await api("POST", "/api/auth/logout");
+    } catch (error) {
+      showNotice(error.message);
+      return;
+    }
+  } else {
+    forgetUser();
+  }
   state.current = null;
   history.pushState(null, "", location.pathname);
   $("#messages").replaceChildren();
@@ -556,12 +595,30 @@ window.addEventListener("popstate", () => {
   if (wanted) openConversation(wanted, { push: false });
 });
 
-const saved = localStorage.getItem(USER_KEY);
-if (saved) {
-  rememberUser(saved);
-  start(saved);
-} else {
-  askName();
+async function begin() {
+  // Accounts mode answers /api/auth/me (401 when signed out); open mode answers 404.
+  const me = await fetch("/api/auth/me");
+  if (me.status !== 404) {
+    state.mode = "accounts";
+    $("#open-note").textContent = "Sign in, or create an account.";
+    $("#password-field").hidden = false;
+    $("#password-input").required = true;
+    $("#start").textContent = "Sign in";
+    $("#sign-up").hidden = false;
+    $("#switch-user").textContent = "Sign out";
+    if (me.ok) start((await me.json()).username);
+    else askName();
+    return;
+  }
+  const saved = localStorage.getItem(USER_KEY);
+  if (saved) {
+    rememberUser(saved);
+    start(saved);
+  } else {
+    askName();
+  }
 }
+
+begin();
 refreshUsage();
 setInterval(refreshUsage, 1000);
