@@ -50,8 +50,10 @@ class Person:
     def login(self, password: str = PASSWORD) -> httpx.Response:
         return self.http.post("/api/auth/login", json={"username": self.name, "password": password})
 
-    def change(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        headers = {"X-CSRF-Token": self.http.cookies.get("parley_csrf", "")}
+    def change(
+        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: object
+    ) -> httpx.Response:
+        headers = {"X-CSRF-Token": self.http.cookies.get("parley_csrf", ""), **(headers or {})}
         return self.http.request(method, path, headers=headers, **kwargs)  # type: ignore[arg-type]
 
 
@@ -226,3 +228,147 @@ def test_open_mode_will_not_listen_publicly(tmp_path_factory: pytest.TempPathFac
         allowed.terminate()
         _, errors = allowed.communicate(timeout=30)
     assert "anyone who can reach" in errors
+
+
+def test_api_tokens_for_scripts(
+    person: Callable[[], Person], accounts_server: ParleyServer
+) -> None:
+    erin = person()
+    made = erin.change("POST", "/api/auth/tokens", json={"name": "backup script"})
+    assert made.status_code == 201
+    token = made.json()["token"]
+    listed = erin.http.get("/api/auth/tokens").json()
+    assert [t["name"] for t in listed] == ["backup script"]
+    assert all(t["token"] is None for t in listed)  # shown once, never again
+
+    with accounts_server.client() as script:
+        script.headers["Authorization"] = f"Bearer {token}"
+        assert script.get("/api/auth/me").json()["username"] == erin.name
+        # A bearer token needs no CSRF token: no cookie is involved.
+        conversation = script.post("/api/conversations")
+        assert conversation.status_code == 201
+        assert erin.change("DELETE", f"/api/auth/tokens/{made.json()['id']}").status_code == 204
+        assert script.get("/api/auth/me").status_code == 401
+        assert script.get("/api/conversations").status_code == 401
+    other = person()
+    assert other.change("DELETE", f"/api/auth/tokens/{made.json()['id']}").status_code == 404
+
+
+def test_the_admin_closes_sign_up_and_removes_users(
+    make_server: Callable[..., ParleyServer],
+) -> None:
+    server = make_server(PARLEY_AUTH="accounts").start()
+    admin, member = Person(server), Person(server)
+    assert admin.signup().json()["is_admin"] is True
+    assert member.signup().json()["is_admin"] is False
+    member_conversation = member.change("POST", "/api/conversations").json()["id"]
+    token = member.change("POST", "/api/auth/tokens", json={"name": "t"}).json()["token"]
+
+    assert member.change("PUT", "/api/admin/signup", json={"signup": False}).status_code == 403
+    assert member.change("DELETE", f"/api/admin/users/{admin.name}").status_code == 403
+    assert admin.change("PUT", "/api/admin/signup", json={"signup": False}).status_code == 200
+    assert Person(server).signup().status_code == 403
+    assert admin.http.get("/api/auth/signup").json() == {"signup": False}
+    assert [u["username"] for u in admin.http.get("/api/admin/users").json()] == [
+        admin.name,
+        member.name,
+    ]
+
+    assert admin.change("DELETE", f"/api/admin/users/{member.name}").status_code == 204
+    # The member's live session and token end at once; their chats are gone.
+    assert member.http.get("/api/auth/me").status_code == 401
+    with server.client() as script:
+        script.headers["Authorization"] = f"Bearer {token}"
+        assert script.get("/api/auth/me").status_code == 401
+    assert admin.change("DELETE", f"/api/admin/users/{member.name}").status_code == 404
+    assert admin.change("DELETE", f"/api/admin/users/{admin.name}").status_code == 409
+    assert Person(server, member.name).login().status_code == 401
+    assert admin.http.get(f"/api/conversations/{member_conversation}").status_code == 404
+
+
+def test_rate_limits(make_server: Callable[..., ParleyServer]) -> None:
+    server = make_server(
+        PARLEY_AUTH="accounts",
+        PARLEY_TURNS_PER_MINUTE="3",
+        PARLEY_CONCURRENT_TURNS="1",
+        PARLEY_SIGN_IN_FAILURES_PER_ACCOUNT="3",
+    ).start()
+    fred = Person(server)
+    assert fred.signup().status_code == 201
+    conversations = [fred.change("POST", "/api/conversations").json()["id"] for _ in range(3)]
+
+    def start(conversation: str, text: str) -> httpx.Response:
+        return fred.change(
+            "POST", f"/api/conversations/{conversation}/messages", json={"content": text}
+        )
+
+    slow = start(conversations[0], "[slow:0.1] " + "w " * 20)
+    assert slow.status_code == 202
+    busy = start(conversations[1], "at the same time")
+    assert busy.status_code == 429
+    assert "at once" in busy.json()["detail"]
+    assert int(busy.headers["retry-after"]) > 0
+    list(stream(fred.http, slow.json()["turn_id"]))
+    for text in ("two", "three"):
+        turn = start(conversations[1], text)
+        assert turn.status_code == 202
+        list(stream(fred.http, turn.json()["turn_id"]))
+    fourth = start(conversations[2], "four")
+    assert fourth.status_code == 429
+    assert "a minute" in fourth.json()["detail"]
+
+    for _ in range(3):
+        assert fred.login("wrong password!").status_code == 401
+    locked = fred.login()  # even the right password, for a while
+    assert locked.status_code == 429
+    assert int(locked.headers["retry-after"]) > 0
+
+
+def test_idempotency_keys_are_per_user(person: Callable[[], Person]) -> None:
+    owner, other = person(), person()
+    mine = owner.change("POST", "/api/conversations").json()["id"]
+    theirs = other.change("POST", "/api/conversations").json()["id"]
+    key = {"Idempotency-Key": "same-key"}
+    first = owner.change(
+        "POST", f"/api/conversations/{mine}/messages", json={"content": "mine"}, headers=key
+    )
+    list(stream(owner.http, first.json()["turn_id"]))
+    # The same key from someone else is their own turn, not a view of the owner's.
+    second = other.http.post(
+        f"/api/conversations/{theirs}/messages",
+        json={"content": "theirs"},
+        headers={**key, "X-CSRF-Token": other.http.cookies["parley_csrf"]},
+    )
+    assert second.status_code == 202
+    assert second.json()["turn_id"] != first.json()["turn_id"]
+    assert other.http.get(f"/api/turns/{first.json()['turn_id']}/stream").status_code == 404
+
+
+def test_secrets_stay_out_of_logs_errors_and_the_page(
+    make_server: Callable[..., ParleyServer],
+) -> None:
+    secret_key = "sk-test-" + unique("do-not-leak")
+    server = make_server(
+        PARLEY_AUTH="accounts", OPENAI_API_KEY=secret_key, PARLEY_LOG_LEVEL="debug"
+    ).start()
+    someone = Person(server)
+    someone.signup()
+    conversation = someone.change("POST", "/api/conversations").json()["id"]
+    turn = someone.change(
+        "POST", f"/api/conversations/{conversation}/messages", json={"content": "[fail:401] no"}
+    )
+    events = list(stream(someone.http, turn.json()["turn_id"]))
+    session_secret = (server.data_dir / "session-secret").read_text().strip()
+    seen = [
+        server.log(),
+        someone.http.get("/").text,
+        someone.http.get("/readyz").text,
+        someone.http.get("/openapi.json").text,
+        repr(events),
+    ]
+    server.stop()
+    seen.append(server.log())
+    for text in seen:
+        assert secret_key not in text
+        assert session_secret not in text
+    assert oct((server.data_dir / "session-secret").stat().st_mode & 0o777) == "0o600"

@@ -71,31 +71,35 @@ def watched(browser: Browser, server: ParleyServer) -> Iterator[Watched]:
     context.close()
 
 
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["open", "accounts"])
 def server(
-    tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    provider: FakeProvider,
 ) -> Iterator[ParleyServer]:
+    """The page's server, in open mode (a name) and in accounts mode (a password)."""
     from tests.conftest import QUICK_RETRIES
 
     running = ParleyServer(
         tmp_path_factory.mktemp("parley-web"),
-        {"OPENAI_BASE_URL": provider.base_url, **QUICK_RETRIES},
+        {"OPENAI_BASE_URL": provider.base_url, "PARLEY_AUTH": request.param, **QUICK_RETRIES},
     ).start()
     yield running
     running.stop()
 
 
-def sign_in(page: Page, url: str, name: str | None = None) -> str:
+def sign_in(page: Page, server: ParleyServer, name: str | None = None) -> str:
+    """Through the name prompt (open mode) or by creating an account (accounts mode)."""
     name = name or unique("sailor")
-    page.goto(url)
+    page.goto(server.url)
     expect(page.get_by_label("Your name")).to_be_visible()
     page.get_by_label("Your name").fill(name)
-    page.get_by_role("button", name="Start chatting").click()
+    if server.env.get("PARLEY_AUTH") == "accounts":
+        expect(page.get_by_label("Password")).to_be_visible()
+        page.get_by_label("Password").fill("a long enough secret")
+        page.get_by_role("button", name="Create an account").click()
+    else:
+        page.get_by_role("button", name="Start chatting").click()
     expect(page.locator("#who")).to_have_text(name)
     return name
 
@@ -119,7 +123,7 @@ def test_the_name_prompt_then_a_reply_that_streams_in(
     watched: Watched, server: ParleyServer
 ) -> None:
     page = watched.page
-    name = sign_in(page, server.url)
+    name = sign_in(page, server)
     say(page, SLOW)
     first = reply(page, 1)
     # Part of the reply is on the page while the rest is still being written.
@@ -144,7 +148,7 @@ def test_a_reload_mid_reply_shows_what_was_written_and_keeps_streaming(
     watched: Watched, server: ParleyServer
 ) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     say(page, SLOW)
     expect(reply(page, 1).locator(".content")).to_contain_text("word3")
     page.reload()
@@ -157,7 +161,7 @@ def test_a_reload_mid_reply_shows_what_was_written_and_keeps_streaming(
 
 def test_stop_keeps_the_partial_reply(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     say(page, SLOW)
     stopped = reply(page, 1)
     expect(stopped.locator(".content")).to_contain_text("word2")
@@ -172,7 +176,7 @@ def test_stop_keeps_the_partial_reply(watched: Watched, server: ParleyServer) ->
 
 def test_shift_enter_is_a_new_line_and_enter_sends(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     box = page.get_by_role("textbox", name="Message")
     box.fill("first line")
     box.press("Shift+Enter")
@@ -190,7 +194,7 @@ def test_conversations_are_created_switched_renamed_and_deleted(
     watched: Watched, server: ParleyServer
 ) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     say(page, "Charts of Tortuga")
     expect(reply(page, 1)).to_have_attribute("data-status", "complete")
     first_url = page.url
@@ -237,7 +241,7 @@ XSS = (
 
 def test_html_in_messages_and_replies_stays_inert(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     say(page, XSS)
     echo = reply(page, 1)
     expect(echo).to_have_attribute("data-status", "complete")
@@ -264,7 +268,7 @@ def test_html_in_messages_and_replies_stays_inert(watched: Watched, server: Parl
 
 def test_a_failed_reply_says_why_and_retry_works(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     text = unique("[fail-once:400] doomed at first")
     say(page, text)
     failed = reply(page, 1)
@@ -277,7 +281,7 @@ def test_a_failed_reply_says_why_and_retry_works(watched: Watched, server: Parle
 
 def test_a_send_that_fails_keeps_the_text(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     page.route("**/messages", lambda route: route.abort())
     say(page, "do not lose me")
     expect(page.locator("#notice")).to_contain_text("could not be reached")
@@ -294,7 +298,7 @@ def test_a_send_that_fails_keeps_the_text(watched: Watched, server: ParleyServer
 
 def test_the_usage_panel_updates(watched: Watched, server: ParleyServer) -> None:
     page = watched.page
-    sign_in(page, server.url)
+    sign_in(page, server)
     say(page, "[slow:0.05] count the doubloons one by one")
     expect(reply(page, 1)).to_have_attribute("data-status", "complete")
     expect(page.locator("#wall-time")).not_to_have_text("0.000 s", timeout=5_000)
@@ -308,10 +312,11 @@ def test_the_usage_panel_updates(watched: Watched, server: ParleyServer) -> None
     say(page, "Show me a table:\n\n| ship | guns |\n| --- | --- |\n| Revenge | 40 |")
     expect(reply(page, 2)).to_have_attribute("data-status", "complete")
     expect(reply(page, 2).locator("table")).to_be_visible()
-    page.screenshot(path=str(ARTIFACTS / "desktop.png"))
+    mode = server.env.get("PARLEY_AUTH", "open")
+    page.screenshot(path=str(ARTIFACTS / f"desktop-{mode}.png"))
     page.set_viewport_size({"width": 390, "height": 844})
     expect(page.get_by_role("button", name="New chat")).not_to_be_in_viewport()
-    page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"phone-{mode}.png"), full_page=True)
     page.get_by_role("button", name="Show conversations").click()
     expect(page.get_by_role("button", name="New chat")).to_be_in_viewport()
 
@@ -333,7 +338,7 @@ def test_the_page_reconnects_by_itself_across_a_server_restart(
     page = context.new_page()
     page.set_default_timeout(20_000)
     try:
-        sign_in(page, restarting.url)
+        sign_in(page, restarting)
         say(page, SLOW)
         expect(reply(page, 1).locator(".content")).to_contain_text("word2")
         restarting.kill()
@@ -355,7 +360,7 @@ def test_the_page_chats_with_the_local_model(
     page = context.new_page()
     page.set_default_timeout(60_000)
     try:
-        sign_in(page, local.url)
+        sign_in(page, local)
         say(page, "What is the capital of France?")
         answer = reply(page, 1)
         expect(answer).to_have_attribute("data-status", "complete")

@@ -56,6 +56,35 @@ sessions = sa.Table(
 )
 
 
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column(
+        "user_id", sa.Integer(), sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_api_tokens_user", "user_id"),
+)
+
+app_settings = sa.Table(
+    "app_settings",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text(), nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    id: int
+    name: str
+    created_at: datetime
+    token: str | None = None  # only when just created: it is never shown again
+
+
 class UsernameTaken(Exception):
     pass
 
@@ -78,6 +107,10 @@ class NewSession:
     token: str
     csrf_token: str
     max_age: int
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def session_secret(settings: Settings) -> bytes:
@@ -179,6 +212,69 @@ class Accounts:
                 sessions.delete().where(sessions.c.token_hash == self._digest(token))
             )
 
+    # --- API tokens ----------------------------------------------------------------
+
+    async def create_token(self, user: Account, name: str) -> ApiToken:
+        token = "parley_" + secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            token_id = await conn.scalar(
+                api_tokens.insert()
+                .values(user_id=user.id, name=name, token_hash=self._digest(token), created_at=now)
+                .returning(api_tokens.c.id)
+            )
+        return ApiToken(int(token_id), name, now, token)
+
+    async def tokens(self, user: Account) -> list[ApiToken]:
+        query = (
+            sa.select(api_tokens).where(api_tokens.c.user_id == user.id).order_by(api_tokens.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query)
+            return [ApiToken(row.id, row.name, _aware(row.created_at)) for row in rows]
+
+    async def revoke_token(self, user: Account, token_id: int) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                api_tokens.delete().where(
+                    api_tokens.c.id == token_id, api_tokens.c.user_id == user.id
+                )
+            )
+        return bool(result.rowcount)
+
+    async def token_user(self, token: str) -> Account | None:
+        query = (
+            sa.select(users.c.id, users.c.username, users.c.is_admin)
+            .select_from(api_tokens.join(users, users.c.id == api_tokens.c.user_id))
+            .where(api_tokens.c.token_hash == self._digest(token))
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).one_or_none()
+        return None if row is None else Account(row.id, row.username, row.is_admin)
+
+    # --- Administration -------------------------------------------------------------
+
+    async def signup_open(self) -> bool:
+        async with self.engine.connect() as conn:
+            value = await conn.scalar(
+                sa.select(app_settings.c.value).where(app_settings.c.key == "signup")
+            )
+        return value != "closed"
+
+    async def set_signup(self, open_: bool) -> None:
+        value = "open" if open_ else "closed"
+        async with self.engine.begin() as conn:
+            updated = await conn.execute(
+                app_settings.update().where(app_settings.c.key == "signup").values(value=value)
+            )
+            if not updated.rowcount:
+                await conn.execute(app_settings.insert().values(key="signup", value=value))
+
+    async def usernames(self) -> list[Account]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(sa.select(users).order_by(users.c.id))
+            return [Account(row.id, row.username, row.is_admin) for row in rows]
+
     async def any_users(self) -> bool:
         async with self.engine.connect() as conn:
             return bool(await conn.scalar(sa.select(sa.func.count()).select_from(users)))
@@ -190,5 +286,6 @@ class Accounts:
             if user_id is None:
                 return False
             await conn.execute(sessions.delete().where(sessions.c.user_id == user_id))
+            await conn.execute(api_tokens.delete().where(api_tokens.c.user_id == user_id))
             await conn.execute(users.delete().where(users.c.id == user_id))
         return True

@@ -23,6 +23,7 @@ from parley import __version__, store, turns
 from parley.accounts import Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
 from parley.config import Settings
+from parley.limits import SlidingWindow
 from parley.llm import LocalModelServer, make_chat_model
 from parley.memory import open_memory
 from parley.usage import UsageMeter
@@ -111,6 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             stack.push_async_callback(chat_store.close)
             if settings.auth == "accounts":
                 app.state.accounts = Accounts(chat_store.engine, session_secret(settings))
+                app.state.sign_in_limits = (
+                    SlidingWindow(settings.sign_in_failures_per_account, 300),
+                    SlidingWindow(settings.sign_in_failures_per_address, 300),
+                )
 
             usage = app.state.usage
             base_url = None
@@ -174,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(auth.router)
+    app.include_router(auth.admin)
     app.mount("/static", CachedStaticFiles(directory=WEB_DIR), name="static")
     page = (WEB_DIR / "index.html").read_text().replace("{{version}}", asset_version())
 

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     # Accounts mode: the key sessions are stored under. Unset: generated once and kept in
     # the data directory; replicas sharing a database must share one.
     session_secret: SecretStr | None = None
+    # Accounts mode: per-user limits on starting turns, and on failed sign-ins per
+    # account and per client address (each over 5 minutes).
+    turns_per_minute: int = Field(default=30, ge=1)
+    concurrent_turns: int = Field(default=3, ge=1)
+    sign_in_failures_per_account: int = Field(default=10, ge=1)
+    sign_in_failures_per_address: int = Field(default=50, ge=1)
     # Requests with a larger body are refused (413) before it is read.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
 

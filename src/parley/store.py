@@ -283,6 +283,29 @@ class Store:
         if result.rowcount == 0:
             raise ConversationNotFound(conversation_id)
 
+    async def turn_counts(self, owner: str, since: datetime) -> tuple[int, int]:
+        """How many turns ``owner`` started since ``since``, and how many still run."""
+        joined = messages.join(conversations, conversations.c.id == messages.c.conversation_id)
+        query = (
+            sa.select(
+                sa.func.count().filter(messages.c.role == "user", messages.c.created_at >= since),
+                sa.func.count().filter(messages.c.status == "streaming"),
+            )
+            .select_from(joined)
+            .where(
+                conversations.c.owner == owner,
+                sa.or_(messages.c.created_at >= since, messages.c.status == "streaming"),
+            )
+        )
+        async with self.engine.connect() as conn:
+            recent, running = (await conn.execute(query)).one()
+        return int(recent), int(running)
+
+    async def conversation_ids(self, owner: str) -> list[str]:
+        query = sa.select(conversations.c.id).where(conversations.c.owner == owner)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
     async def streaming_turns(self, conversation_id: str) -> list[str]:
         query = sa.select(messages.c.turn_id).where(
             messages.c.conversation_id == conversation_id, messages.c.status == "streaming"

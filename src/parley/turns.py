@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dbos import DBOS, SetWorkflowID, StepOptions, WorkflowHandleAsync
@@ -270,6 +271,27 @@ def message_json(message: Message) -> dict[str, Any]:
         "created_at": message.created_at.isoformat().replace("+00:00", "Z"),
         "error": message.error,
     }
+
+
+class TooManyTurns(Exception):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+async def check_turn_limits(owner: str) -> None:
+    """Accounts mode: refuse a turn beyond the user's rate or concurrency limit."""
+    settings = services().settings
+    if settings.auth != "accounts":
+        return
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    recent, running = await services().store.turn_counts(owner, since)
+    if running >= settings.concurrent_turns:
+        raise TooManyTurns(
+            f"At most {settings.concurrent_turns} replies may be written for you at once.", 5
+        )
+    if recent >= settings.turns_per_minute:
+        raise TooManyTurns(f"At most {settings.turns_per_minute} messages a minute.", 60)
 
 
 async def start_turn(

@@ -268,6 +268,7 @@ async def send_message(
     check_idempotency_key(idempotency_key)
     conversation = str(conversation_id)
     turn_id = turns.new_turn_id(user, idempotency_key)
+    earlier = None
     if idempotency_key is not None:
         earlier = await turns.services().store.turn(turn_id)
         if earlier is not None and (
@@ -278,6 +279,8 @@ async def send_message(
                 "was already used for a different message",
                 "idempotency_key_reused",
             )
+    if earlier is None:  # a retry of a turn already started is not a new one
+        await within_limits(user)
     try:
         await turns.start_turn(user, conversation, body.content, turn_id, stream=True)
     except ConversationNotFound:
@@ -288,6 +291,17 @@ async def send_message(
             detail="A reply is still being written in this conversation; wait or stop it.",
         ) from None
     return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+
+
+async def within_limits(user: str) -> None:
+    try:
+        await turns.check_turn_limits(user)
+    except turns.TooManyTurns as refusal:
+        raise HTTPException(
+            http_status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=str(refusal),
+            headers={"Retry-After": str(round(refusal.retry_after))},
+        ) from None
 
 
 # --- Turns ---------------------------------------------------------------------------

@@ -44,6 +44,13 @@ async def session_user(
 ) -> Account:
     if not _accounts_mode(request):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="Accounts are off.")
+    # Scripts sign their requests with an API token instead; no cookie, so no CSRF.
+    authorization = request.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        user = await accounts_of(request).token_user(authorization[7:].strip())
+        if user is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Unknown or revoked token.")
+        return user
     session = await accounts_of(request).session(parley_session) if parley_session else None
     if session is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Sign in first.")

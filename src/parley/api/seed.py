@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from parley import turns
+from parley.api.conversations import within_limits
 from parley.api.identity import SeedCaller
 from parley.api.validation import (
     Username,
@@ -54,6 +55,7 @@ class ErrorBody(BaseModel):
     responses={
         422: {"description": "A field is missing, of the wrong type, empty or too long."},
         403: {"model": ErrorBody, "description": "Accounts mode: not the caller's name."},
+        429: {"model": ErrorBody, "description": "Accounts mode: too many turns."},
         409: {"model": ErrorBody, "description": "An earlier turn still runs after a long wait."},
         502: {"model": ErrorBody, "description": "The model provider failed."},
     },
@@ -77,6 +79,7 @@ async def chat(
     check_idempotency_key(idempotency_key)
     turn_id = turns.new_turn_id(body.username, idempotency_key)
     conversation_id = seed_conversation_id(body.username)
+    earlier = None
     if idempotency_key is not None:
         earlier = await turns.services().store.turn(turn_id)
         if earlier is not None and (
@@ -87,6 +90,8 @@ async def chat(
                 "was already used for a different message",
                 "idempotency_key_reused",
             )
+    if caller is not None and (idempotency_key is None or earlier is None):
+        await within_limits(caller)
     try:
         reply = await turns.run_turn(body.username, conversation_id, body.message, turn_id)
     except turns.TurnFailed as failure:
