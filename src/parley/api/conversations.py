@@ -267,19 +267,8 @@ async def send_message(
     check_message(body.content, request.app.state.settings.max_message_chars, ("body", "content"))
     check_idempotency_key(idempotency_key)
     conversation = str(conversation_id)
-    turn_id = turns.new_turn_id(user, idempotency_key)
-    earlier = None
-    if idempotency_key is not None:
-        earlier = await turns.services().store.turn(turn_id)
-        if earlier is not None and (
-            earlier.text != body.content or earlier.conversation_id != conversation
-        ):
-            raise invalid(
-                ("header", "Idempotency-Key"),
-                "was already used for a different message",
-                "idempotency_key_reused",
-            )
-    if earlier is None:  # a retry of a turn already started is not a new one
+    turn_id, new = await turn_for(user, idempotency_key, body.content, conversation)
+    if new:  # a retry of a turn already started is not a new one
         await within_limits(user)
     try:
         await turns.start_turn(user, conversation, body.content, turn_id, stream=True)
@@ -291,6 +280,27 @@ async def send_message(
             detail="A reply is still being written in this conversation; wait or stop it.",
         ) from None
     return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+
+
+async def turn_for(
+    owner: str, idempotency_key: str | None, text: str, conversation_id: str
+) -> tuple[str, bool]:
+    """The turn id for a message, and whether it is a new turn (not a retry of one).
+
+    Reusing an idempotency key for a different message, or in another conversation, is
+    refused.
+    """
+    turn_id = turns.new_turn_id(owner, idempotency_key)
+    if idempotency_key is None:
+        return turn_id, True
+    earlier = await turns.services().store.turn(turn_id)
+    if earlier is not None and (earlier.text != text or earlier.conversation_id != conversation_id):
+        raise invalid(
+            ("header", "Idempotency-Key"),
+            "was already used for a different message",
+            "idempotency_key_reused",
+        )
+    return turn_id, earlier is None
 
 
 async def within_limits(user: str) -> None:

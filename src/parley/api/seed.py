@@ -8,14 +8,13 @@ from fastapi import APIRouter, Header, HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from parley import turns
-from parley.api.conversations import within_limits
+from parley.api.conversations import turn_for, within_limits
 from parley.api.identity import SeedCaller
 from parley.api.validation import (
     Username,
     UsernamePath,
     check_idempotency_key,
     check_message,
-    invalid,
 )
 from parley.store import ConversationBusy, seed_conversation_id
 
@@ -77,20 +76,9 @@ async def chat(
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="You may chat only as yourself.")
     check_message(body.message, request.app.state.settings.max_message_chars, ("body", "message"))
     check_idempotency_key(idempotency_key)
-    turn_id = turns.new_turn_id(body.username, idempotency_key)
     conversation_id = seed_conversation_id(body.username)
-    earlier = None
-    if idempotency_key is not None:
-        earlier = await turns.services().store.turn(turn_id)
-        if earlier is not None and (
-            earlier.text != body.message or earlier.conversation_id != conversation_id
-        ):
-            raise invalid(
-                ("header", "Idempotency-Key"),
-                "was already used for a different message",
-                "idempotency_key_reused",
-            )
-    if caller is not None and (idempotency_key is None or earlier is None):
+    turn_id, new = await turn_for(body.username, idempotency_key, body.message, conversation_id)
+    if caller is not None and new:
         await within_limits(caller)
     try:
         reply = await turns.run_turn(body.username, conversation_id, body.message, turn_id)
