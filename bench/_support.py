@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
 PARLEY = Path(sys.executable).with_name("parley")
@@ -88,3 +89,15 @@ def summary(values: list[float], unit: float = 1000.0) -> str:
     """Median, p95 and p99 of ``values`` (seconds), in milliseconds."""
     p50, p95, p99 = (percentile(values, f) * unit for f in (0.5, 0.95, 0.99))
     return f"p50 {p50:7.1f} ms   p95 {p95:7.1f} ms   p99 {p99:7.1f} ms"
+
+
+def reset_postgres(database_url: str) -> None:
+    """Drop and re-create the database the URL names, so that every run starts empty."""
+    url = sa.make_url(database_url)
+    admin = sa.create_engine(
+        url.set(drivername="postgresql+psycopg", database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+        conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
+    admin.dispose()

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from _support import fake_provider, parley, summary
+from _support import fake_provider, parley, reset_postgres, summary
 
 
 def cpu(process: psutil.Process) -> float:
@@ -64,10 +64,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[50, 150])
     parser.add_argument("--latency", type=float, default=1.0, help="the model's answer time")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite files)")
+    parser.add_argument(
+        "--database-url", help="PostgreSQL URL (default: SQLite files); the bench empties it"
+    )
     args = parser.parse_args()
 
-    env = {"PARLEY_DATABASE_URL": args.database_url} if args.database_url else {}
+    env = {}
+    if args.database_url:
+        reset_postgres(args.database_url)
+        env["PARLEY_DATABASE_URL"] = args.database_url
     storage = "PostgreSQL" if args.database_url else "SQLite"
     print(f"storage: {storage}; the model answers after {args.latency * 1000:.0f} ms")
     with (

@@ -3,11 +3,13 @@ after a crash stores nothing twice and does not ask the model again."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from parley.config import Settings
 from parley.llm import make_chat_model
@@ -17,6 +19,7 @@ from parley.store import (
     ConversationNotFound,
     Store,
     ensure_postgres_database,
+    is_transient,
     messages,
     migrate,
     seed_conversation_id,
@@ -64,8 +67,8 @@ async def test_writing_a_turn_twice_stores_it_once(store: Store) -> None:
             create_conversation=True,
         )
         await store.finish_reply("t1", content="ahoy", status="complete")
-    history = await store.history(conversation)
-    assert [(m.role, m.content, m.status) for m in history] == [
+    stored = await store.messages(conversation, limit=10)
+    assert [(m.role, m.content, m.status) for m in stored] == [
         ("user", "hi", "complete"),
         ("assistant", "ahoy", "complete"),
     ]
@@ -155,7 +158,50 @@ async def test_history_reads_use_the_conversation_index(store: Store) -> None:
 
 async def test_migrating_twice_is_harmless(settings: Settings, store: Store) -> None:
     await migrate(settings)
-    assert await store.history("none") == []
+    assert await store.history_json("none") == b"[]"
+
+
+async def test_a_pool_with_no_free_connection_is_a_transient_error(
+    settings: Settings, store: Store
+) -> None:
+    """Overload (every pooled connection busy) is retried in steps and answered 503."""
+    engine = create_async_engine(
+        settings.store_database_url(), pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
+    busy = Store(engine)
+    try:
+        async with engine.connect():
+            with pytest.raises(sa.exc.TimeoutError) as raised:
+                await busy.history_json("any")
+        assert is_transient(raised.value)
+        assert await busy.history_json("any") == b"[]"  # and it passes
+    finally:
+        await engine.dispose()
+
+
+async def test_history_json_is_the_examples_list_oldest_first(store: Store) -> None:
+    owner = unique()
+    conversation = seed_conversation_id(owner)
+    tricky = 'quotes " and \\ backslash,\nnew line, </script>, ünïcödé 🦜'
+    for index, text in enumerate(["first", tricky, "third"]):
+        turn = f"{owner}-{index}"
+        await store.begin_turn(
+            owner=owner,
+            conversation_id=conversation,
+            turn_id=turn,
+            content=text,
+            create_conversation=True,
+        )
+        # The last reply stays empty (being written): /history leaves it out.
+        if index < 2:
+            await store.finish_reply(turn, content=f"re: {text}", status="complete")
+    assert json.loads(await store.history_json(conversation)) == [
+        {"content": "first", "isUser": True},
+        {"content": "re: first", "isUser": False},
+        {"content": tricky, "isUser": True},
+        {"content": f"re: {tricky}", "isUser": False},
+        {"content": "third", "isUser": True},
+    ]
 
 
 async def test_answering_a_turn_twice_asks_the_model_once(
@@ -189,17 +235,22 @@ async def test_forgetting_a_failed_turn_leaves_the_rest(
     assert [m.text for m in remembered] == [kept, reply_for(kept)]
 
 
-async def test_the_model_sees_a_bounded_window(settings: Settings, provider: FakeProvider) -> None:
+async def test_the_model_sees_and_memory_keeps_a_bounded_window(
+    settings: Settings, provider: FakeProvider
+) -> None:
     settings.memory_max_messages = 4
     async with open_memory(settings, make_chat_model(settings)) as memory:
         texts = [unique(f"m{i}") for i in range(5)]
         for index, text in enumerate(texts):
             await memory.reply("conv", f"turn-{index}", text)
+        remembered = [m.text for m in await memory.messages("conv")]
     (call,) = provider.calls_for(texts[-1])
     shown = [m["content"] for m in call.messages]
     assert shown[0].startswith("You talk like a pirate")
     # The last four messages, less the reply that would open the window.
     assert shown[1:] == [texts[3], reply_for(texts[3]), texts[4]]
+    # Older turns are gone from memory (not from history): the checkpoint stays small.
+    assert remembered == [texts[3], reply_for(texts[3]), texts[4], reply_for(texts[4])]
 
 
 class StopAfter:

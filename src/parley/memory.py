@@ -81,11 +81,21 @@ class Memory:
             reply_id = reply_message_id(config["configurable"]["turn_id"])
             if state["messages"] and state["messages"][-1].id == reply_id:
                 return {}  # answered before a crash: the checkpoint already holds the reply
-            prompt = [SystemMessage(self.system_prompt), *self._window(state["messages"])]
+            window = self._window(state["messages"])
+            prompt = [SystemMessage(self.system_prompt), *window]
+            # Memory keeps what the model will be shown next time and nothing older (the
+            # visible history is in Parley's own tables), so that a checkpoint, read and
+            # written whole on every turn, stays the same size however long the chat.
+            shown = {message.id for message in window}
+            forgotten = [
+                RemoveMessage(id=message.id)
+                for message in state["messages"]
+                if message.id not in shown and message.id is not None
+            ]
             sink = _sink.get()
             if sink is None:
                 text = (await self.model.ainvoke(prompt)).text
-                return {"messages": [AIMessage(content=text, id=reply_id)]}
+                return {"messages": [*forgotten, AIMessage(content=text, id=reply_id)]}
             parts: list[str] = []
             stopped = False
             async for chunk in self.model.astream(prompt):
@@ -101,11 +111,12 @@ class Memory:
             # What the user saw is what the model remembers, a stopped reply included.
             return {
                 "messages": [
+                    *forgotten,
                     AIMessage(
                         content="".join(parts),
                         id=reply_id,
                         response_metadata={"stopped": stopped},
-                    )
+                    ),
                 ]
             }
 

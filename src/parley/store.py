@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import pydantic_core
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -91,11 +92,14 @@ def seed_conversation_id(username: str) -> str:
 
 def is_transient(error: BaseException) -> bool:
     """Whether a database error may pass if the operation is tried again: the server is
-    restarting or unreachable, a connection broke, SQLite's file is locked or its disk full."""
+    restarting or unreachable, a connection broke, the pool has no free connection,
+    SQLite's file is locked or its disk full."""
     import sqlite3
 
     import psycopg
 
+    if isinstance(error, sa.exc.TimeoutError):
+        return True  # every pooled connection is busy: overload, which passes
     if isinstance(error, sa.exc.DBAPIError):
         return error.connection_invalidated or isinstance(
             error, sa.exc.OperationalError | sa.exc.InterfaceError
@@ -357,56 +361,57 @@ class Store:
         reply is still being written in it.
         """
         now = datetime.now(UTC)
-        try:
-            async with self.engine.begin() as conn:
-                if create_conversation:
-                    await conn.execute(
-                        self._insert(conversations)
-                        .values(
-                            id=conversation_id,
-                            owner=owner,
-                            title="",
-                            created_at=now,
-                            updated_at=now,
-                        )
-                        .on_conflict_do_nothing(index_elements=["id"])
-                    )
-                updated = await conn.execute(
-                    conversations.update()
-                    .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                    .values(
-                        updated_at=now,
-                        title=sa.case(
-                            (conversations.c.title == "", _title_from(content)),
-                            else_=conversations.c.title,
-                        ),
-                    )
+        title = _title_from(content)
+        # Two statements, not four: this runs on every turn, and each is a round trip.
+        if create_conversation:
+            insert = self._insert(conversations).values(
+                id=conversation_id, owner=owner, title=title, created_at=now, updated_at=now
+            )
+            claim: sa.Executable = insert.on_conflict_do_update(
+                index_elements=["id"],
+                set_={
+                    "updated_at": now,
+                    "title": sa.case(
+                        (conversations.c.title == "", title), else_=conversations.c.title
+                    ),
+                },
+                # Someone else's conversation is left alone, and counts as not found.
+                where=conversations.c.owner == owner,
+            )
+        else:
+            claim = (
+                conversations.update()
+                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                .values(
+                    updated_at=now,
+                    title=sa.case(
+                        (conversations.c.title == "", title), else_=conversations.c.title
+                    ),
                 )
-                if updated.rowcount == 0:
-                    raise ConversationNotFound(conversation_id)
-                inserted = []
-                for role, text, status in (
+            )
+        pair = self._insert(messages).values(
+            [
+                {"role": role, "content": text, "status": state}
+                | {"conversation_id": conversation_id, "turn_id": turn_id, "created_at": now}
+                for role, text, state in (
                     ("user", content, "complete"),
                     ("assistant", "", "streaming"),
-                ):
-                    result = await conn.execute(
-                        self._insert(messages)
-                        .values(
-                            conversation_id=conversation_id,
-                            turn_id=turn_id,
-                            role=role,
-                            content=text,
-                            status=status,
-                            created_at=now,
-                        )
-                        .on_conflict_do_nothing(index_elements=["turn_id", "role"])
-                    )
-                    inserted.append(result.rowcount)
+                )
+            ]
+        )
+        try:
+            async with self.engine.begin() as conn:
+                if (await conn.execute(claim)).rowcount == 0:
+                    raise ConversationNotFound(conversation_id)
+                inserted = await conn.execute(
+                    pair.on_conflict_do_nothing(index_elements=["turn_id", "role"])
+                )
         except sa.exc.IntegrityError:
             # Only the one-reply-in-progress index can object: turn ids are handled above.
             busy = await self.streaming_turns(conversation_id)
             raise ConversationBusy(busy[0] if busy else "") from None
-        return inserted[0] == 1
+        # Both rows or neither: they are written together.
+        return inserted.rowcount > 0
 
     async def fail_orphan(self, turn_id: str, error: str) -> None:
         """Mark a reply that no workflow will ever write as failed."""
@@ -505,10 +510,16 @@ class Store:
             rows = list(await conn.execute(query))
         return [_message(row) for row in reversed(rows)]
 
-    async def history(self, conversation_id: str) -> list[Message]:
-        """The messages the example's ``/history`` shows: everything but empty replies."""
+    async def history_json(self, conversation_id: str) -> bytes:
+        """The example's ``/history`` body: ``[{"content", "isUser"}, ...]``, oldest first,
+        without empty replies.
+
+        Built from bare rows by pydantic-core's serialiser: a conversation can hold many
+        thousands of messages, and a model object per message would cost more than the
+        query. (PostgreSQL's own ``json_agg`` is slower still, about 2.5 µs a row.)
+        """
         query = (
-            sa.select(messages)
+            sa.select(messages.c.content, messages.c.role)
             .where(
                 messages.c.conversation_id == conversation_id,
                 sa.or_(messages.c.role == "user", messages.c.content != ""),
@@ -516,7 +527,10 @@ class Store:
             .order_by(messages.c.id)
         )
         async with self.engine.connect() as conn:
-            return [_message(row) for row in await conn.execute(query)]
+            rows = (await conn.execute(query)).all()
+        return pydantic_core.to_json(
+            [{"content": content, "isUser": role == "user"} for content, role in rows]
+        )
 
     async def turn(self, turn_id: str) -> Turn | None:
         user = messages.alias("user_message")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Request, status
+from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from parley import turns
@@ -91,13 +91,19 @@ async def chat(
     return ChatMessage(content=reply, isUser=False)
 
 
-@router.get("/history/{username}", response_model=list[ChatMessage])
-async def history(username: UsernamePath, caller: SeedCaller) -> list[ChatMessage]:
+@router.get(
+    "/history/{username}",
+    response_model=list[ChatMessage],
+    # The store hands over finished JSON; the declared model documents it.
+    response_class=Response,
+    responses={200: {"content": {"application/json": {}}}},
+)
+async def history(username: UsernamePath, caller: SeedCaller) -> Response:
     """The user's messages and the model's replies, oldest first."""
     if caller is not None and username != caller:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="That history is not yours.")
-    messages = await turns.services().store.history(seed_conversation_id(username))
-    return [ChatMessage(content=m.content, isUser=m.role == "user") for m in messages]
+    body = await turns.services().store.history_json(seed_conversation_id(username))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/times", response_model=Times)
