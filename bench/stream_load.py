@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx2
@@ -70,8 +71,16 @@ async def load(url: str, streams: int, ramp: float) -> tuple[list[float], list[s
             return_exceptions=True,
         )
     times = [r for r in results if isinstance(r, float)]
-    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    errors = [describe(r) for r in results if isinstance(r, BaseException)]
     return times, errors
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, httpx2.HTTPStatusError):
+        request = error.request
+        route = request.url.path.rsplit("/", 1)[-1]  # ids left out, so that errors group
+        return f"HTTP {error.response.status_code} from {request.method} .../{route}"
+    return repr(error)
 
 
 class Peak(threading.Thread):
@@ -117,8 +126,8 @@ def main() -> None:
     median = statistics.median(times) if times else float("nan")
     p99 = sorted(times)[round(0.99 * (len(times) - 1))] if times else float("nan")
     print(f"\n{len(times)} turns completed, {len(errors)} errors in {wall:.1f} s")
-    for error in sorted(set(errors))[:5]:
-        print(f"  error: {error}")
+    for error, count in Counter(errors).most_common(5):
+        print(f"  {count} x {error}")
     print(f"  turn time: {summary(times)}")
     print(
         f"  against the model's {MODEL_SECONDS:.1f} s: median +{median / MODEL_SECONDS - 1:.1%}, "
