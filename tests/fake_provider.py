@@ -46,6 +46,8 @@ class Call:
     stream: bool
     at: float = field(default_factory=time.time)
     fault: str | None = None
+    body: dict[str, Any] = field(default_factory=dict)
+    authorization: str | None = None
 
     @property
     def last_user(self) -> str:
@@ -109,7 +111,12 @@ class FakeProvider:
 
     async def _completions(self, request: Request) -> Response:
         body = await request.json()
-        call = Call(messages=body["messages"], stream=bool(body.get("stream")))
+        call = Call(
+            messages=body["messages"],
+            stream=bool(body.get("stream")),
+            body=body,
+            authorization=request.headers.get("authorization"),
+        )
         self.calls.append(call)
         text = call.last_user
         for name, argument in _DIRECTIVE.findall(text):

@@ -1,15 +1,17 @@
 """One chat turn as a DBOS durable workflow.
 
     request:   store the user's message and an empty reply "streaming"; start the workflow
-    workflow:  ask the model (through the memory graph)  ->  store the reply  ->  end event
+    workflow:  one step: ask the model (through the memory graph), store the reply, and
+               write the stream's end event
 
 The request stores the user's message before the workflow starts, in the same transaction
 that claims the conversation for this turn, so a turn the client was told about always
-has its message. In the workflow each arrow is a recorded step. After a crash DBOS runs
-the workflow again under the same id: finished steps return their recorded results
-instead of running (so a recorded model answer is never asked for again), and the writes
-are idempotent on the turn id, so a step that did its write but died before DBOS recorded
-it stores nothing twice.
+has its message. After a crash DBOS runs the workflow again under the same id: a finished
+step returns its recorded result instead of running, and an unfinished one runs again.
+Running again is harmless: the graph's checkpoint holds the model's reply from the moment
+the model finished, so the model is not asked twice, and the store's writes are
+idempotent on the turn id. The reply is stored in the model's step rather than a step of
+its own because each recorded step costs DBOS a check and a write, a tenth of a turn.
 
 A streaming turn also writes its reply, piece by piece, to its event stream
 (``parley.streams``), from which any process can serve it.
@@ -95,8 +97,23 @@ def new_turn_id(owner: str, idempotency_key: str | None = None) -> str:
     return f"turn-{uuid.uuid5(_TURN_NAMESPACE, owner + chr(0) + idempotency_key)}"
 
 
+async def answer(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
+    """The turn's step (run by ``chat_turn`` with retry options from the settings): the
+    model's reply, stored, and for a streaming turn the stream's end event written."""
+    outcome = await ask_model(conversation_id, turn_id, text, stream)
+    await store_reply(
+        conversation_id,
+        turn_id,
+        outcome["text"],
+        "stopped" if outcome["stopped"] else "complete",
+        stream=stream,
+        tail=outcome["tail"],
+    )
+    return {"text": outcome["text"], "stopped": outcome["stopped"]}
+
+
 async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
-    """A step (run by ``chat_turn`` with retry options from the settings).
+    """The model's reply to ``text``, through the conversation's memory.
 
     Each run of a streaming turn's model step is a new epoch of its event stream. The
     pieces not yet written to the durable stream come back as ``tail``: the end event
@@ -140,9 +157,9 @@ async def _before_retry(error: BaseException) -> None:
         await asyncio.sleep(pause)
 
 
-def _ask_model_options(settings: Settings) -> StepOptions:
+def _answer_options(settings: Settings) -> StepOptions:
     return {
-        "name": "ask_model",
+        "name": "answer",
         "retries_allowed": True,
         "max_attempts": settings.llm_attempts,
         "interval_seconds": settings.llm_retry_interval,
@@ -166,8 +183,7 @@ _DATABASE_RETRIES: StepOptions = {
 }
 
 
-@DBOS.step(**_DATABASE_RETRIES)
-async def save_reply(
+async def store_reply(
     conversation_id: str,
     turn_id: str,
     text: str,
@@ -205,8 +221,10 @@ async def save_reply(
 
 
 @DBOS.step(**_DATABASE_RETRIES)
-async def forget_failed_turn(conversation_id: str, turn_id: str) -> None:
+async def fail_turn(conversation_id: str, turn_id: str, error: str, stream: bool) -> None:
+    """Drop the unanswered message from the model's memory; store the failure."""
     await services().memory.forget(conversation_id, turn_id)
+    await store_reply(conversation_id, turn_id, "", "failed", error=error, stream=stream)
 
 
 @DBOS.workflow()
@@ -220,8 +238,8 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
     try:
         try:
             outcome = await DBOS.run_step_async(
-                _ask_model_options(services().settings),
-                ask_model,
+                _answer_options(services().settings),
+                answer,
                 conversation_id,
                 turn_id,
                 text,
@@ -236,19 +254,10 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
                 else llm.describe(error)
             )
             logger.warning("the turn failed: %s", detail)
-            await forget_failed_turn(conversation_id, turn_id)
-            await save_reply(conversation_id, turn_id, "", "failed", error=detail, stream=stream)
+            await fail_turn(conversation_id, turn_id, detail, stream)
             # A failed turn is an outcome, not a crash of the workflow.
             return {"status": "failed", "text": "", "error": detail}
         status = "stopped" if outcome["stopped"] else "complete"
-        await save_reply(
-            conversation_id,
-            turn_id,
-            outcome["text"],
-            status,
-            stream=stream,
-            tail=outcome["tail"],
-        )
         logger.info("turn %s in %.2f s", status, time.monotonic() - started)
         return {"status": status, "text": outcome["text"], "error": None}
     finally:
