@@ -112,14 +112,14 @@ async def test_model_runs_count_epochs_and_see_stop_requests(store: Store) -> No
     conversation = (await store.create_conversation(owner)).id
     await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="t", content="hi")
     assert (await store.start_model_run("t")).epoch == 1
-    assert not await store.stop_requested("t")
+    assert await store.stopped_among(["t", "gone"]) == {"gone"}
     await store.request_stop("t")
     started = await store.start_model_run("t")
     assert (started.epoch, started.stop_requested) == (2, True)
     stopped = await store.finish_reply("t", content="", status="stopped")
     assert stopped is not None and (stopped.epochs, stopped.status) == (2, "stopped")
     await store.delete_conversation(owner, conversation)
-    assert await store.stop_requested("t")  # a deleted turn is stopped too
+    assert await store.stopped_among(["t"]) == {"t"}  # a deleted turn is stopped too
     assert await store.finish_reply("t", content="late", status="complete") is None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from urllib.parse import quote
 
 import httpx
@@ -19,7 +20,7 @@ from tests.api_client import (
     text_of,
     wait_for_status,
 )
-from tests.conftest import unique
+from tests.conftest import ParleyServer, PostgresDatabases, unique
 from tests.fake_provider import FakeProvider, reply_for
 
 
@@ -388,3 +389,34 @@ def test_a_bad_resume_point_is_refused(http: httpx.Client) -> None:
         response = http.get(f"/api/turns/{turn_id}/stream", headers=headers, params=params)
         assert response.status_code == 422
     assert http.get("/api/conversations", headers={"X-Parley-User": "x" * 65}).status_code == 422
+
+
+@pytest.mark.postgres
+def test_a_stop_asked_of_another_replica_stops_the_reply(
+    make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
+) -> None:
+    """Two replicas on one database: the one writing the reply learns of a stop that a
+    client asked of the other within ``PARLEY_STOP_POLL_SECONDS``."""
+    database_url = postgres_databases.new_url()
+    writer = make_server(database_url, PARLEY_STOP_POLL_SECONDS="0.2").start()
+    other = make_server(database_url).start()
+    with writer.client() as first, other.client() as second:
+        user = unique()
+        as_user(first, user)
+        as_user(second, user)
+        conversation = new_conversation(first)
+        question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(100)))
+        turn_id = send(first, conversation, question)
+        seen: list[Sse] = []
+        for event in stream(first, turn_id):
+            seen.append(event)
+            if len(seen) == 3:
+                asked = second.post(f"/api/turns/{turn_id}/cancel")
+                assert asked.json() == {"turn_id": turn_id, "status": "stopping"}
+        assert seen[-1].event == "stopped"
+        # 100 words at 0.1 s would take 10 s; the stop lands within a few polls.
+        assert len([e for e in seen if e.event == "token"]) < 30
+        final = seen[-1].data["message"]
+        assert final["status"] == "stopped"
+        assert reply_for(question).startswith(final["content"])
+        assert messages(second, conversation)[-1] == final

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parley import __version__, store, turns
+from parley import __version__, store, streams, turns
 from parley.accounts import Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
 from parley.config import Settings
@@ -159,6 +159,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             sampler = asyncio.create_task(usage.run())
             stack.callback(sampler.cancel)
+            stop_watcher = asyncio.create_task(
+                streams.watch_stops(chat_store.stopped_among, settings.stop_poll_seconds)
+            )
+            stack.callback(stop_watcher.cancel)
             # The libraries loaded so far are some hundreds of thousands of objects that
             # live as long as the process. Frozen, the cyclic garbage collector stops
             # walking them on every full collection, which otherwise stalls the event

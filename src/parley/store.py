@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -441,13 +442,17 @@ class Store:
             return Started(epoch=1, stop_requested=True)
         return Started(epoch=row.epochs, stop_requested=row.stop_requested)
 
-    async def stop_requested(self, turn_id: str) -> bool:
-        query = sa.select(messages.c.stop_requested).where(
-            messages.c.turn_id == turn_id, messages.c.role == "assistant"
+    async def stopped_among(self, turn_ids: Sequence[str]) -> set[str]:
+        """Those of the turns whose reply was asked to stop, or is gone with its
+        conversation (which stops it too)."""
+        query = sa.select(messages.c.turn_id).where(
+            messages.c.role == "assistant",
+            messages.c.turn_id.in_(turn_ids),
+            messages.c.stop_requested.is_(False),
         )
         async with self.engine.connect() as conn:
-            # A deleted conversation stops its reply too.
-            return (await conn.execute(query)).scalar_one_or_none() in (True, None)
+            going = set((await conn.execute(query)).scalars())
+        return set(turn_ids) - going
 
     async def request_stop(self, turn_id: str) -> None:
         async with self.engine.begin() as conn:

@@ -223,15 +223,11 @@ class TurnWriter:
     turn_id: str
     epoch: int
     flush_seconds: float
-    stop_poll_seconds: float
-    # Asks the database whether a stop was requested (by a client of another replica).
-    poll_stop: Callable[[], Awaitable[bool]]
     live: LiveTurn = field(init=False)
     n: int = 0
     _batch: list[str] = field(default_factory=list)
     _batch_start: int = 1
     _last_flush: float = field(default_factory=time.monotonic)
-    _last_stop_poll: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id))
@@ -258,9 +254,6 @@ class TurnWriter:
         now = time.monotonic()
         if now - self._last_flush >= self.flush_seconds:
             await self.flush()
-        if not self.live.stop_requested and now - self._last_stop_poll >= self.stop_poll_seconds:
-            self._last_stop_poll = now
-            self.live.stop_requested = await self.poll_stop()
 
     async def flush(self) -> None:
         self._last_flush = time.monotonic()
@@ -274,6 +267,34 @@ class TurnWriter:
         value = {"epoch": self.epoch, "n": self._batch_start, "type": "token", "texts": self._batch}
         self._batch = []
         return value
+
+
+async def watch_stops(
+    stopped_among: Callable[[list[str]], Awaitable[set[str]]], every: float
+) -> None:
+    """Stop, within ``every`` seconds, the replies this process writes that were asked to
+    stop through another replica (or whose conversation was deleted there).
+
+    A stop asked of this process acts at once; this is for the others. One query a period
+    for all the replies being written, not one per reply: with a thousand at once, the
+    per-reply queries alone would keep a core busy.
+    """
+    while True:
+        await asyncio.sleep(every)
+        writing = [turn_id for turn_id, live in _live.items() if not live.stop_requested]
+        for start in range(0, len(writing), _WATCH_BATCH):
+            try:
+                stopped = await stopped_among(writing[start : start + _WATCH_BATCH])
+            except Exception as error:  # the database is away: look again next period
+                logger.warning("could not check for stop requests: %s", error)
+                break
+            for turn_id in stopped:
+                if (live := _live.get(turn_id)) is not None:
+                    live.stop_requested = True
+
+
+# Turn ids per query of ``watch_stops``: a bounded statement, whatever the load.
+_WATCH_BATCH = 500
 
 
 def _value(event: Event) -> dict[str, Any]:

@@ -133,8 +133,6 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
         turn_id,
         started.epoch,
         flush_seconds=settings.stream_flush_seconds,
-        stop_poll_seconds=settings.stop_poll_seconds,
-        poll_stop=lambda: parts.store.stop_requested(turn_id),
     )
     await writer.begin()
     if started.stop_requested or writer.stopped:
