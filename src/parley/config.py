@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     model_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     model_context: int = Field(default=8192, ge=512)
-    # How many earlier messages of a conversation the model is shown.
+    # How many earlier messages of a conversation the model is shown; its memory keeps no more.
     memory_max_messages: int = Field(default=40, ge=2)
 
     max_message_chars: int = Field(default=16_000, ge=1)
