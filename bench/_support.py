@@ -6,6 +6,7 @@ figures are Parley's alone and the load generator does not steal its event loop.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import socket
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +93,19 @@ def summary(values: list[float], unit: float = 1000.0) -> str:
     return f"p50 {p50:7.1f} ms   p95 {p95:7.1f} ms   p99 {p99:7.1f} ms"
 
 
-def reset_postgres(database_url: str) -> None:
-    """Drop and re-create the database the URL names, so that every run starts empty."""
+def add_database_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url", help="PostgreSQL URL (default: SQLite files); the bench empties it"
+    )
+
+
+def storage(database_url: str | None) -> tuple[dict[str, str], str]:
+    """Parley's environment for the storage asked for, and the storage's name.
+
+    A PostgreSQL database is dropped and re-created first, so that every run starts empty.
+    """
+    if database_url is None:
+        return {}, "SQLite"
     url = sa.make_url(database_url)
     admin = sa.create_engine(
         url.set(drivername="postgresql+psycopg", database="postgres"), isolation_level="AUTOCOMMIT"
@@ -101,3 +114,10 @@ def reset_postgres(database_url: str) -> None:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
         conn.execute(sa.text(f'CREATE DATABASE "{url.database}"'))
     admin.dispose()
+    return {"PARLEY_DATABASE_URL": database_url}, "PostgreSQL"
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """The CPU time, user and system, a process has used so far."""
+    times = process.cpu_times()
+    return times.user + times.system

@@ -26,12 +26,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from _support import fake_provider, parley, reset_postgres, summary
-
-
-def cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+from _support import add_database_argument, cpu_seconds, fake_provider, parley, storage, summary
 
 
 async def load(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
@@ -64,17 +59,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[50, 150])
     parser.add_argument("--latency", type=float, default=1.0, help="the model's answer time")
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument(
-        "--database-url", help="PostgreSQL URL (default: SQLite files); the bench empties it"
-    )
+    add_database_argument(parser)
     args = parser.parse_args()
 
-    env = {}
-    if args.database_url:
-        reset_postgres(args.database_url)
-        env["PARLEY_DATABASE_URL"] = args.database_url
-    storage = "PostgreSQL" if args.database_url else "SQLite"
-    print(f"storage: {storage}; the model answers after {args.latency * 1000:.0f} ms")
+    env, storage_name = storage(args.database_url)
+    print(f"storage: {storage_name}; the model answers after {args.latency * 1000:.0f} ms")
     with (
         tempfile.TemporaryDirectory() as data_dir,
         fake_provider(args.latency) as base_url,
@@ -82,20 +71,21 @@ def main() -> None:
     ):
         server = psutil.Process(pid)
         asyncio.run(load(url, 5, 2))  # warm-up: connections, first queries
-        before = cpu(server)
+        before = cpu_seconds(server)
         time.sleep(3)
-        idle = (cpu(server) - before) / 3
+        idle = (cpu_seconds(server) - before) / 3
         for clients in args.clients:
-            started, served = time.perf_counter(), cpu(server)
+            started, served = time.perf_counter(), cpu_seconds(server)
             times, errors = asyncio.run(load(url, clients, args.seconds))
             wall = time.perf_counter() - started
-            busy = cpu(server) - served - idle * wall
+            used = cpu_seconds(server) - served
+            busy = used - idle * wall
             print(f"\n{clients} clients, {len(times)} turns in {wall:.1f} s, {errors} errors")
             print(f"  turn time:  {summary(times)}  (median {statistics.median(times):.3f} s)")
             print(f"  throughput: {len(times) / wall:.1f} turns/s")
             print(
                 f"  Parley CPU: {busy / max(1, len(times)) * 1000:.2f} ms per turn above idle "
-                f"({idle * 1000:.1f} ms/s idle); {(cpu(server) - served) / wall:.0%} of a core"
+                f"({idle * 1000:.1f} ms/s idle); {used / wall:.0%} of a core"
             )
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from _support import fake_provider, parley, summary
+from _support import add_database_argument, cpu_seconds, fake_provider, parley, storage, summary
 
 REPLY = "[slow:0.05] " + " ".join(f"w{i}" for i in range(16))
 
@@ -121,29 +121,28 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--seconds", type=float, default=15, help="per concurrency level")
     parser.add_argument("--latency", type=float, default=0.2, help="provider's first-token s")
-    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite files)")
+    add_database_argument(parser)
     args = parser.parse_args()
 
-    env = {"PARLEY_DATABASE_URL": args.database_url} if args.database_url else {}
-    storage = "PostgreSQL" if args.database_url else "SQLite"
-    print(f"storage: {storage}; provider first token after {args.latency * 1000:.0f} ms")
+    env, storage_name = storage(args.database_url)
+    print(f"storage: {storage_name}; provider first token after {args.latency * 1000:.0f} ms")
     with (
         tempfile.TemporaryDirectory() as data_dir,
         fake_provider(args.latency) as base_url,
         parley(Path(data_dir), OPENAI_BASE_URL=base_url, **env) as (url, pid),
     ):
         server = psutil.Process(pid)
-        before = _cpu(server)
+        before = cpu_seconds(server)
         time.sleep(5)
-        idle = (_cpu(server) - before) / 5
+        idle = (cpu_seconds(server) - before) / 5
         print(f"Parley idle: {idle * 1000:.1f} ms of CPU per second (sampler, DBOS's pollers)")
         for concurrency in args.concurrency:
-            started, cpu, served = time.perf_counter(), time.process_time(), _cpu(server)
+            started, cpu, served = time.perf_counter(), time.process_time(), cpu_seconds(server)
             direct, via = asyncio.run(steady(url, base_url, concurrency, args.seconds))
             wall = time.perf_counter() - started
             client_cpu = time.process_time() - cpu
             # Parley's CPU over the part through Parley: all but the first third.
-            server_cpu = _cpu(server) - served - idle * wall
+            server_cpu = cpu_seconds(server) - served - idle * wall
             bursting = asyncio.run(burst(url, concurrency))
             added = statistics.median(via) - statistics.median(direct)
             print(f"\n{concurrency} concurrent streams, {len(via)} turns")
@@ -155,11 +154,6 @@ def main() -> None:
                 f"  Parley's CPU above idle: {server_cpu / len(via) * 1000:.1f} ms per turn; "
                 f"load generator {client_cpu / wall:.0%} of a core"
             )
-
-
-def _cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx2
 import sqlalchemy as sa
 
-from _support import fake_provider, parley, reset_postgres, summary
+from _support import add_database_argument, fake_provider, parley, storage, summary
 from parley.config import Settings
 from parley.store import migrate_sync, seed_conversation_id
 
@@ -102,7 +102,7 @@ async def timed(url: str, path: str, requests: int, clients: int) -> list[float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite files)")
+    add_database_argument(parser)
     parser.add_argument("--total", type=int, default=1_000_000)
     parser.add_argument("--per-conversation", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=500)
@@ -110,13 +110,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as data_dir:
-        env = {}
-        if args.database_url:
-            reset_postgres(args.database_url)
-            env["PARLEY_DATABASE_URL"] = args.database_url
+        env, storage_name = storage(args.database_url)
         settings = Settings(data_dir=Path(data_dir), database_url=args.database_url)
         conversation = fill(settings, args.total, args.per_conversation)
-        print(f"storage: {'PostgreSQL' if args.database_url else 'SQLite'}; {args.clients} clients")
+        print(f"storage: {storage_name}; {args.clients} clients")
         with (
             fake_provider() as base_url,
             parley(Path(data_dir), OPENAI_BASE_URL=base_url, **env) as (url, _),

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from _support import fake_provider, parley, summary
+from _support import add_database_argument, cpu_seconds, fake_provider, parley, storage, summary
 
 WORDS = 50
 GAP = 0.2
@@ -101,11 +101,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--ramp", type=float, default=5, help="seconds over which turns start")
-    parser.add_argument("--database-url", help="PostgreSQL URL (default: SQLite files)")
+    add_database_argument(parser)
     args = parser.parse_args()
 
-    env = {"PARLEY_DATABASE_URL": args.database_url} if args.database_url else {}
-    print(f"storage: {'PostgreSQL' if args.database_url else 'SQLite'}")
+    env, storage_name = storage(args.database_url)
+    print(f"storage: {storage_name}")
     print(f"{args.streams} streams, each a {WORDS}-word reply over {MODEL_SECONDS:.1f} s")
     with (
         tempfile.TemporaryDirectory() as data_dir,
@@ -116,12 +116,11 @@ def main() -> None:
         before_rss = server.memory_info().rss
         peak = Peak(pid)
         peak.start()
-        cpu_before, started = server.cpu_times(), time.perf_counter()
+        cpu_before, started = cpu_seconds(server), time.perf_counter()
         times, errors = asyncio.run(load(url, args.streams, args.ramp))
         wall = time.perf_counter() - started
-        cpu_after = server.cpu_times()
+        cpu = cpu_seconds(server) - cpu_before
         peak.done.set()
-        cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
 
     median = statistics.median(times) if times else float("nan")
     p99 = sorted(times)[round(0.99 * (len(times) - 1))] if times else float("nan")
