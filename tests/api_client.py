@@ -95,6 +95,35 @@ def messages(http: httpx.Client, conversation: str) -> list[dict[str, Any]]:
     return response.json()["messages"]
 
 
+def stream_stopping(
+    http: httpx.Client, turn_id: str, *, stopper: httpx.Client | None = None, after: int = 3
+) -> list[Sse]:
+    """A turn's events, its stop asked for (through ``stopper``, by default the reader's
+    own client) once ``after`` events have come."""
+    seen: list[Sse] = []
+    for event in stream(http, turn_id):
+        seen.append(event)
+        if len(seen) == after:
+            asked = (stopper or http).post(f"/api/turns/{turn_id}/cancel")
+            assert asked.status_code == 200, asked.text
+            assert asked.json() == {"turn_id": turn_id, "status": "stopping"}
+    return seen
+
+
+def routes_of(conversation: str, turn_id: str) -> list[tuple[str, str, Any]]:
+    """Every request that reads or changes a conversation or one of its turns, as
+    ``(method, path, JSON body)``: what nobody but the owner may do."""
+    return [
+        ("GET", f"/api/conversations/{conversation}", None),
+        ("PATCH", f"/api/conversations/{conversation}", {"title": "mine now"}),
+        ("DELETE", f"/api/conversations/{conversation}", None),
+        ("GET", f"/api/conversations/{conversation}/messages", None),
+        ("POST", f"/api/conversations/{conversation}/messages", {"content": "hi"}),
+        ("GET", f"/api/turns/{turn_id}/stream", None),
+        ("POST", f"/api/turns/{turn_id}/cancel", None),
+    ]
+
+
 def wait_for_status(http: httpx.Client, conversation: str, status: str) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 30
     while True:

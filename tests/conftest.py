@@ -202,6 +202,21 @@ def server(
     running.stop()
 
 
+AUTH_MODES = ["open", "accounts"]
+
+
+def serve_in_mode(
+    auth: str, tmp_path_factory: pytest.TempPathFactory, provider: FakeProvider
+) -> Iterator[ParleyServer]:
+    """A running Parley in an auth mode, for a module's fixture parametrized by mode."""
+    running = ParleyServer(
+        tmp_path_factory.mktemp(f"parley-{auth}"),
+        {"OPENAI_BASE_URL": provider.base_url, "PARLEY_AUTH": auth, **QUICK_RETRIES},
+    ).start()
+    yield running
+    running.stop()
+
+
 @pytest.fixture
 def client(server: ParleyServer) -> Iterator[httpx.Client]:
     with server.client() as http:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.api_client import stream, text_of
+from tests.api_client import routes_of, stream, text_of
 from tests.conftest import PARLEY, ParleyServer, free_port, unique
 from tests.fake_provider import reply_for
 
@@ -148,15 +148,7 @@ def test_nobody_reads_another_persons_chats(person: Callable[[], Person]) -> Non
         "POST", "/chat", json={"message": "seed secret", "username": owner.name}
     ).json() == {"content": reply_for("seed secret"), "isUser": False}
 
-    attempts = [
-        ("GET", f"/api/conversations/{conversation}", None),
-        ("PATCH", f"/api/conversations/{conversation}", {"title": "mine now"}),
-        ("DELETE", f"/api/conversations/{conversation}", None),
-        ("GET", f"/api/conversations/{conversation}/messages", None),
-        ("POST", f"/api/conversations/{conversation}/messages", {"content": "hi"}),
-        ("GET", f"/api/turns/{turn_id}/stream", None),
-        ("POST", f"/api/turns/{turn_id}/cancel", None),
-    ]
+    attempts = routes_of(conversation, turn_id)
     for method, path, body in attempts:
         response = other.change(method, path, json=body)
         assert response.status_code == 404, (method, path, response.text)

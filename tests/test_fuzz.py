@@ -15,22 +15,17 @@ from schemathesis.checks import not_a_server_error
 
 from parley.app import create_app
 from parley.config import Settings
-from tests.conftest import QUICK_RETRIES, ParleyServer
+from tests.conftest import AUTH_MODES, ParleyServer, serve_in_mode
 from tests.fake_provider import FakeProvider
 
 
-@pytest.fixture(scope="module", params=["open", "accounts"])
+@pytest.fixture(scope="module", params=AUTH_MODES)
 def fuzzed_server(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     provider: FakeProvider,
 ) -> Iterator[ParleyServer]:
-    running = ParleyServer(
-        tmp_path_factory.mktemp("parley-fuzz"),
-        {"OPENAI_BASE_URL": provider.base_url, "PARLEY_AUTH": request.param, **QUICK_RETRIES},
-    ).start()
-    yield running
-    running.stop()
+    yield from serve_in_mode(request.param, tmp_path_factory, provider)
 
 
 # The spec is the one the running servers publish at /openapi.json: the same app, built

@@ -14,9 +14,11 @@ from tests.api_client import (
     as_user,
     messages,
     new_conversation,
+    routes_of,
     send,
     send_and_finish,
     stream,
+    stream_stopping,
     text_of,
     wait_for_status,
 )
@@ -139,13 +141,7 @@ def test_stopping_keeps_what_was_written_and_the_model_remembers_it(
     conversation = new_conversation(http)
     question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(60)))
     turn_id = send(http, conversation, question)
-    seen: list[Sse] = []
-    for event in stream(http, turn_id):
-        seen.append(event)
-        if len(seen) == 3:
-            stopped = http.post(f"/api/turns/{turn_id}/cancel")
-            assert stopped.status_code == 200
-            assert stopped.json() == {"turn_id": turn_id, "status": "stopping"}
+    seen = stream_stopping(http, turn_id)
     assert seen[-1].event == "stopped"
     shown = text_of(seen)
     assert shown and reply_for(question).startswith(shown) and shown != reply_for(question)
@@ -310,15 +306,7 @@ def test_others_and_strangers_see_nothing(client: httpx.Client) -> None:
     owner_name = owner.headers["X-Parley-User"]
 
     as_user(client, unique())
-    for method, path, body in [
-        ("GET", f"/api/conversations/{conversation}", None),
-        ("PATCH", f"/api/conversations/{conversation}", {"title": "mine now"}),
-        ("DELETE", f"/api/conversations/{conversation}", None),
-        ("GET", f"/api/conversations/{conversation}/messages", None),
-        ("POST", f"/api/conversations/{conversation}/messages", {"content": "hi"}),
-        ("GET", f"/api/turns/{turn_id}/stream", None),
-        ("POST", f"/api/turns/{turn_id}/cancel", None),
-    ]:
+    for method, path, body in routes_of(conversation, turn_id):
         response = client.request(method, path, json=body)
         assert response.status_code == 404, (method, path, response.text)
         assert "secret" not in response.text
@@ -407,12 +395,7 @@ def test_a_stop_asked_of_another_replica_stops_the_reply(
         conversation = new_conversation(first)
         question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(100)))
         turn_id = send(first, conversation, question)
-        seen: list[Sse] = []
-        for event in stream(first, turn_id):
-            seen.append(event)
-            if len(seen) == 3:
-                asked = second.post(f"/api/turns/{turn_id}/cancel")
-                assert asked.json() == {"turn_id": turn_id, "status": "stopping"}
+        seen = stream_stopping(first, turn_id, stopper=second)
         assert seen[-1].event == "stopped"
         # 100 words at 0.1 s would take 10 s; the stop lands within a few polls.
         assert len([e for e in seen if e.event == "token"]) < 30

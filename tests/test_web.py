@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
-from tests.conftest import ParleyServer, unique
+from tests.conftest import AUTH_MODES, ParleyServer, serve_in_mode, unique
 from tests.fake_provider import FakeProvider, reply_for
 
 CHROMIUM = os.environ.get("PARLEY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -71,21 +71,14 @@ def watched(browser: Browser, server: ParleyServer) -> Iterator[Watched]:
     context.close()
 
 
-@pytest.fixture(scope="module", params=["open", "accounts"])
+@pytest.fixture(scope="module", params=AUTH_MODES)
 def server(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     provider: FakeProvider,
 ) -> Iterator[ParleyServer]:
     """The page's server, in open mode (a name) and in accounts mode (a password)."""
-    from tests.conftest import QUICK_RETRIES
-
-    running = ParleyServer(
-        tmp_path_factory.mktemp("parley-web"),
-        {"OPENAI_BASE_URL": provider.base_url, "PARLEY_AUTH": request.param, **QUICK_RETRIES},
-    ).start()
-    yield running
-    running.stop()
+    yield from serve_in_mode(request.param, tmp_path_factory, provider)
 
 
 def sign_in(page: Page, server: ParleyServer, name: str | None = None) -> str:
