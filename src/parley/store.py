@@ -363,6 +363,11 @@ class Store:
         """
         now = datetime.now(UTC)
         title = _title_from(content)
+        # The first message names the conversation; later ones only touch it.
+        touched = {
+            "updated_at": now,
+            "title": sa.case((conversations.c.title == "", title), else_=conversations.c.title),
+        }
         # Two statements, not four: this runs on every turn, and each is a round trip.
         if create_conversation:
             insert = self._insert(conversations).values(
@@ -370,12 +375,7 @@ class Store:
             )
             claim: sa.Executable = insert.on_conflict_do_update(
                 index_elements=["id"],
-                set_={
-                    "updated_at": now,
-                    "title": sa.case(
-                        (conversations.c.title == "", title), else_=conversations.c.title
-                    ),
-                },
+                set_=touched,
                 # Someone else's conversation is left alone, and counts as not found.
                 where=conversations.c.owner == owner,
             )
@@ -383,12 +383,7 @@ class Store:
             claim = (
                 conversations.update()
                 .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                .values(
-                    updated_at=now,
-                    title=sa.case(
-                        (conversations.c.title == "", title), else_=conversations.c.title
-                    ),
-                )
+                .values(touched)
             )
         pair = self._insert(messages).values(
             [
