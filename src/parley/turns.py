@@ -99,17 +99,14 @@ def new_turn_id(owner: str, idempotency_key: str | None = None) -> str:
 
 async def answer(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
     """The turn's step (run by ``chat_turn`` with retry options from the settings): the
-    model's reply, stored, and for a streaming turn the stream's end event written."""
+    model's reply, stored, and for a streaming turn the stream's end event written; the
+    reply's ``text`` and ``status``."""
     outcome = await ask_model(conversation_id, turn_id, text, stream)
+    status = "stopped" if outcome["stopped"] else "complete"
     await store_reply(
-        conversation_id,
-        turn_id,
-        outcome["text"],
-        "stopped" if outcome["stopped"] else "complete",
-        stream=stream,
-        tail=outcome["tail"],
+        conversation_id, turn_id, outcome["text"], status, stream=stream, tail=outcome["tail"]
     )
-    return {"text": outcome["text"], "stopped": outcome["stopped"]}
+    return {"text": outcome["text"], "status": status}
 
 
 async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
@@ -255,9 +252,8 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
             await fail_turn(conversation_id, turn_id, detail, stream)
             # A failed turn is an outcome, not a crash of the workflow.
             return {"status": "failed", "text": "", "error": detail}
-        status = "stopped" if outcome["stopped"] else "complete"
-        logger.info("turn %s in %.2f s", status, time.monotonic() - started)
-        return {"status": status, "text": outcome["text"], "error": None}
+        logger.info("turn %s in %.2f s", outcome["status"], time.monotonic() - started)
+        return {"status": outcome["status"], "text": outcome["text"], "error": None}
     finally:
         _running.discard(turn_id)
         if not _running:
