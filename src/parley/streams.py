@@ -178,9 +178,12 @@ class LiveTurn:
                     return
             if pending:
                 sent = time.monotonic()
-            if self.events and self.events[-1].terminal:
-                return
-            await self._wake.wait()
+            # Events published while the reader was busy sending are sent next, the end
+            # event among them, before any waiting.
+            if len(self.events) == index:
+                if self.events and self.events[-1].terminal:
+                    return  # it came at or before ``after``: nothing more to send
+                await self._wake.wait()
             if (wait := FRAME_SECONDS - (time.monotonic() - sent)) > 0:
                 await asyncio.sleep(wait)
 
