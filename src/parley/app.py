@@ -144,8 +144,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "application_version": __version__,
                     "log_level": settings.log_level.upper(),
                     "db_engine_kwargs": {
-                        "connect_args": {"connect_timeout": max(1, round(settings.db_timeout))},
+                        "connect_args": {
+                            "application_name": "parley-dbos",
+                            "connect_timeout": max(1, round(settings.db_timeout)),
+                        },
                         "pool_timeout": settings.db_timeout,
+                        "pool_size": 20,
+                        "max_overflow": 0,
+                        # DBOS's default pings the database before each of a turn's four
+                        # transactions, doubling its round trips. A connection that died
+                        # (a database restart) fails its statement instead, which DBOS
+                        # retries on a fresh one; the restart test covers it.
+                        "pool_pre_ping": False,
                     },
                 }
             )
