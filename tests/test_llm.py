@@ -10,7 +10,7 @@ from openai._utils import async_maybe_transform
 from openai.types.chat import completion_create_params
 
 from parley.config import Settings
-from parley.llm import make_chat_model
+from parley.llm import open_chat_model
 from tests.conftest import unique
 from tests.fake_provider import FakeProvider, reply_for
 
@@ -26,13 +26,13 @@ async def test_requests_are_what_the_sdk_itself_would_send(
     """Parley skips the SDK's request transform (see ``UntransformedCompletions``); this
     fails if a new SDK's transform would change what LangChain asks it to send."""
     settings = settings_for(provider, tmp_path, openai_api_key="sk-test-key")
-    model = make_chat_model(settings)
     question = unique("what is sent")
     prompt = [SystemMessage("Be brief."), HumanMessage("earlier"), HumanMessage(question)]
-    if stream:
-        text = "".join([chunk.text async for chunk in model.astream(prompt)])
-    else:
-        text = (await model.ainvoke(prompt)).text
+    async with open_chat_model(settings) as model:
+        if stream:
+            text = "".join([chunk.text async for chunk in model.astream(prompt)])
+        else:
+            text = (await model.ainvoke(prompt)).text
     assert text == reply_for(question)
     (call,) = provider.calls_for(question)
     assert call.stream is stream
@@ -51,9 +51,9 @@ async def test_the_embedded_models_extra_limit_reaches_the_body(
     provider: FakeProvider, tmp_path: Path
 ) -> None:
     settings = settings_for(provider, tmp_path, max_reply_tokens=48)
-    model = make_chat_model(settings, base_url=provider.base_url)
     question = unique("a limit")
-    await model.ainvoke([HumanMessage(question)])
+    async with open_chat_model(settings, base_url=provider.base_url) as model:
+        await model.ainvoke([HumanMessage(question)])
     (call,) = provider.calls_for(question)
     assert call.body["max_tokens"] == call.body["max_completion_tokens"] == 48
 
@@ -61,9 +61,9 @@ async def test_the_embedded_models_extra_limit_reaches_the_body(
 async def test_provider_errors_are_the_sdks_own(provider: FakeProvider, tmp_path: Path) -> None:
     import openai
 
-    model = make_chat_model(settings_for(provider, tmp_path))
-    with pytest.raises(openai.RateLimitError):
-        await model.ainvoke([HumanMessage(unique("[fail:429] busy"))])
-    with pytest.raises(openai.InternalServerError):
-        async for _ in model.astream([HumanMessage(unique("[fail:500] broken"))]):
-            pass
+    async with open_chat_model(settings_for(provider, tmp_path)) as model:
+        with pytest.raises(openai.RateLimitError):
+            await model.ainvoke([HumanMessage(unique("[fail:429] busy"))])
+        with pytest.raises(openai.InternalServerError):
+            async for _ in model.astream([HumanMessage(unique("[fail:500] broken"))]):
+                pass

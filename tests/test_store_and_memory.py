@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from parley.config import Settings
-from parley.llm import make_chat_model
+from parley.llm import open_chat_model
 from parley.memory import open_memory
 from parley.store import (
     ConversationBusy,
@@ -208,7 +208,7 @@ async def test_answering_a_turn_twice_asks_the_model_once(
     settings: Settings, provider: FakeProvider
 ) -> None:
     question = unique("question")
-    async with open_memory(settings, make_chat_model(settings)) as memory:
+    async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
         first = await memory.reply("conv", "turn-1", question)
         again = await memory.reply("conv", "turn-1", question)
         remembered = await memory.messages("conv")
@@ -224,7 +224,7 @@ async def test_forgetting_a_failed_turn_leaves_the_rest(
     settings: Settings, provider: FakeProvider
 ) -> None:
     kept, failed = unique("kept"), unique("[fail:400] failed")
-    async with open_memory(settings, make_chat_model(settings)) as memory:
+    async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
         await memory.reply("conv", "turn-1", kept)
         with pytest.raises(Exception, match="400"):
             await memory.reply("conv", "turn-2", failed)
@@ -239,7 +239,7 @@ async def test_the_model_sees_and_memory_keeps_a_bounded_window(
     settings: Settings, provider: FakeProvider
 ) -> None:
     settings.memory_max_messages = 4
-    async with open_memory(settings, make_chat_model(settings)) as memory:
+    async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
         texts = [unique(f"m{i}") for i in range(5)]
         for index, text in enumerate(texts):
             await memory.reply("conv", f"turn-{index}", text)
@@ -273,7 +273,7 @@ async def test_a_stopped_reply_is_remembered_as_far_as_it_went(
 ) -> None:
     question = unique("tell me a long tale")
     sink = StopAfter(3)
-    async with open_memory(settings, make_chat_model(settings)) as memory:
+    async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
         reply = await memory.reply("conv", "turn-1", question, sink=sink)
         remembered = await memory.messages("conv")
         so_far = await memory.reply_so_far("conv", "turn-1")

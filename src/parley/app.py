@@ -25,7 +25,7 @@ from parley.accounts import Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
 from parley.config import Settings
 from parley.limits import SlidingWindow
-from parley.llm import LocalModelServer, make_chat_model
+from parley.llm import LocalModelServer, open_chat_model
 from parley.memory import open_memory
 from parley.usage import UsageMeter
 
@@ -127,9 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 app.state.local_model = local_model
                 usage.model_cpu = local_model.cpu_seconds
                 base_url = local_model.base_url
-            memory = await stack.enter_async_context(
-                open_memory(settings, make_chat_model(settings, base_url))
-            )
+            model = await stack.enter_async_context(open_chat_model(settings, base_url))
+            memory = await stack.enter_async_context(open_memory(settings, model))
             turns.install(
                 turns.Services(store=chat_store, memory=memory, usage=usage, settings=settings)
             )
