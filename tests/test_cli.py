@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from parley import __version__
-from tests.conftest import PARLEY
+from tests.conftest import PARLEY, ParleyServer
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -80,3 +83,19 @@ def test_migrate_creates_the_database_on_postgres(postgres_databases: object) ->
             for row in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")
         }
     assert {"conversations", "messages", "alembic_version"} <= tables
+
+
+def test_idle_connections_outlive_a_clients_own_keep_alive(
+    make_server: Callable[..., ParleyServer],
+) -> None:
+    """A client that waits 5 s between requests (httpx's idle expiry) must not send its
+    next one on a connection the server is closing: the server keeps idle connections
+    longer than clients do."""
+    server = make_server().start()
+    request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(6)
+        sock.sendall(request)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")

@@ -67,6 +67,10 @@ def serve(settings: Settings, insecure_open: bool = False) -> None:
         log_config=None,  # logs.setup() has configured logging, uvicorn's included
         # Connections left open by clients (reply streams) must not hold a shutdown back.
         timeout_graceful_shutdown=5,
+        # uvicorn's default of 5 s equals httpx's own idle expiry, so a client that waits
+        # about 5 s between requests can send one on a connection as it is closed, and get
+        # a read error (seen at 1,000 streams); nginx's default is 75 s.
+        timeout_keep_alive=75,
     )
 
 
