@@ -154,8 +154,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             "connect_timeout": max(1, round(settings.db_timeout)),
                         },
                         "pool_timeout": settings.db_timeout,
-                        "pool_size": 20,
-                        "max_overflow": 0,
                         # DBOS's default pings the database before each of a turn's four
                         # transactions, doubling its round trips. A connection that died
                         # (a database restart) fails its statement instead, which DBOS
