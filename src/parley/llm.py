@@ -129,11 +129,14 @@ def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpen
         # The SDK's aiohttp transport: a streamed reply's pieces cost the client about a
         # fifth less CPU than on its default HTTP client (bench/model_client.py).
         http_async_client=openai.DefaultAioHttpClient(
-            # Idle connections are dropped before the 5 s after which uvicorn-based
-            # providers (vLLM, llama.cpp's server) close theirs: reusing one the server
-            # is closing fails the request, and aiohttp does not look before it reuses.
+            # The SDK's limits, but idle connections are dropped before the 5 s after
+            # which uvicorn-based providers (vLLM, llama.cpp's server) close theirs:
+            # reusing one the server is closing fails the request, and aiohttp does not
+            # look before it reuses.
             limits=httpx2.Limits(
-                max_connections=1000, max_keepalive_connections=100, keepalive_expiry=4.0
+                max_connections=openai.DEFAULT_CONNECTION_LIMITS.max_connections,
+                max_keepalive_connections=openai.DEFAULT_CONNECTION_LIMITS.max_keepalive_connections,
+                keepalive_expiry=4.0,
             )
         ),
         # LangChain's own per-piece timeout wraps every piece in a task of its own; the
