@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
 import os
-import socket
 import sqlite3
 import subprocess
 import time
@@ -92,10 +92,17 @@ def test_idle_connections_outlive_a_clients_own_keep_alive(
     next one on a connection the server is closing: the server keeps idle connections
     longer than clients do."""
     server = make_server().start()
-    request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(request)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        first = conn.getresponse()
+        assert (first.status, first.read()) == (200, b'{"status":"ok"}')
+        connection = conn.sock
         time.sleep(6)
-        sock.sendall(request)
-        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        # On the same connection: http.client reconnects only once it has seen it closed.
+        conn.request("GET", "/healthz")
+        again = conn.getresponse()
+        assert (again.status, again.read()) == (200, b'{"status":"ok"}')
+        assert conn.sock is connection
+    finally:
+        conn.close()
