@@ -204,7 +204,7 @@ class _TurnStatements:
 
     Built per call, SQLAlchemy would construct each statement and compute its cache key
     on every turn, and the two-row ``VALUES`` of the turn's messages would be compiled
-    afresh every time (a multi-row ``VALUES`` is never cached); together about a third
+    afresh every time (a multi-row ``VALUES`` is never cached): about half
     of the store's CPU per turn. Values come as bound parameters (``b_`` names, which
     cannot clash with the columns SQLAlchemy binds by name).
     """
