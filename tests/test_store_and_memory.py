@@ -58,14 +58,15 @@ pytestmark = pytest.mark.parametrize("backend", BACKENDS)
 async def test_writing_a_turn_twice_stores_it_once(store: Store) -> None:
     owner = unique()
     conversation = seed_conversation_id(owner)
-    for _ in range(2):
-        await store.begin_turn(
+    for attempt in range(2):
+        new = await store.begin_turn(
             owner=owner,
             conversation_id=conversation,
             turn_id="t1",
             content="hi",
             create_conversation=True,
         )
+        assert new is (attempt == 0)
         await store.finish_reply("t1", content="ahoy", status="complete")
     stored = await store.messages(conversation, limit=10)
     assert [(m.role, m.content, m.status) for m in stored] == [

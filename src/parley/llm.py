@@ -28,7 +28,6 @@ import httpx2
 import openai
 import psutil
 from langchain_openai import ChatOpenAI
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from parley.config import Settings
 
@@ -50,8 +49,13 @@ class UntransformedCompletions:
     annotations, to apply key renames and formats that chat messages never have: 0.18 ms
     per message, 7.5 ms for a 40-message prompt, about a quarter of a turn's CPU
     (openai/openai-python#3616). This sends the same body through the client's public
-    ``post``, so requests, errors, timeouts, auth and response types are the SDK's own.
+    ``post``, so requests, errors, timeouts and auth are the SDK's own.
     ``tests/test_llm.py`` checks that the transform would not have changed what is sent.
+
+    Replies come back as the provider's JSON, not as the SDK's models: ``ChatOpenAI``
+    turns a model back into a dict (``model_dump``) before it reads it, and building a
+    model walks its type annotations, for every piece of a streamed reply. Both cost
+    more than the rest of the client's work on a piece.
     """
 
     def __init__(self, client: openai.AsyncOpenAI) -> None:
@@ -81,9 +85,9 @@ class UntransformedCompletions:
             "/chat/completions",
             body=body,
             options=options,
-            cast_to=ChatCompletion,
+            cast_to=object,
             stream=bool(body.get("stream")),
-            stream_cls=openai.AsyncStream[ChatCompletionChunk],
+            stream_cls=openai.AsyncStream[object],
         )
 
 
