@@ -8,7 +8,9 @@ directives:
 - ``[fail:CODE]``: answer every attempt with HTTP CODE;
 - ``[fail-once:CODE]``: answer the first attempt at this message with HTTP CODE;
 - ``[delay:SECONDS]``: wait before answering;
-- ``[slow:SECONDS]``: when streaming, wait this long before each word after the first.
+- ``[slow:SECONDS]``: when streaming, wait this long before each word after the first;
+- ``[malformed]``: answer 200 with a web page, streamed or not, as a base URL that points
+  at a web server would.
 
 The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to stream.
 
@@ -34,10 +36,10 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow)(?::([0-9.]+))?\]")
+_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow|malformed)(?::([0-9.]+))?\]")
 
 
 @dataclass
@@ -126,6 +128,8 @@ class FakeProvider:
                 await asyncio.sleep(float(argument))
             elif name == "fail":
                 return _failure(int(argument))
+            elif name == "malformed":
+                return HTMLResponse("<html><body>Welcome to nginx!</body></html>")
             elif name == "fail-once" and text not in self._failed_once:
                 self._failed_once.add(text)
                 return _failure(int(argument))

@@ -202,6 +202,22 @@ def test_a_client_error_from_the_provider_is_not_retried(
     assert len(provider.calls_for(text)) == 1
 
 
+def test_an_answer_that_is_not_a_chat_completion_fails_the_turn_cleanly(
+    client: httpx.Client, provider: FakeProvider
+) -> None:
+    user, text, after = unique(), unique("[malformed] hello"), unique("after the page")
+    response = chat(client, user, text)
+    assert response.status_code == 502
+    assert "not a chat completion" in response.json()["detail"]
+    # A web page comes back the same however often it is asked for.
+    assert len(provider.calls_for(text)) == 1
+    assert chat(client, user, after).status_code == 200
+    assert [m["content"] for m in client.get(f"/history/{user}").json() if m["isUser"]] == [
+        text,
+        after,
+    ]
+
+
 def test_a_passing_provider_fault_is_retried(client: httpx.Client, provider: FakeProvider) -> None:
     user, text = unique(), unique("[fail-once:503] flaky")
     response = chat(client, user, text)

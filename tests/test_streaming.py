@@ -181,6 +181,19 @@ def test_a_failed_turn_says_why_and_the_next_one_works(
     assert [m["content"] for m in call.messages[1:]] == [after]
 
 
+def test_a_streamed_answer_that_is_not_a_chat_completion_fails_the_turn(
+    http: httpx.Client, provider: FakeProvider
+) -> None:
+    conversation = new_conversation(http)
+    page = unique("[malformed] hello")
+    events = list(stream(http, send(http, conversation, page)))
+    assert [e.event for e in events] == ["error"]
+    assert "not a chat completion" in events[0].data["detail"]
+    _, reply = messages(http, conversation)
+    assert (reply["status"], reply["content"]) == ("failed", "")
+    assert len(provider.calls_for(page)) == 1
+
+
 def test_a_retried_model_call_resets_the_stream(http: httpx.Client, provider: FakeProvider) -> None:
     conversation = new_conversation(http)
     question = unique("[fail-once:503] try again")

@@ -36,8 +36,20 @@ logger = logging.getLogger("parley.llm")
 # A connection that breaks in the middle of a streamed reply surfaces as the HTTP
 # client's own error (the OpenAI client uses httpx2), not as an OpenAI one.
 TRANSPORT_ERRORS = (httpx.TransportError, httpx2.TransportError)
-# What the OpenAI client raises when the provider, not Parley, is at fault.
-PROVIDER_ERRORS = (openai.APIConnectionError, openai.APIStatusError, *TRANSPORT_ERRORS)
+
+
+class MalformedReply(Exception):
+    """The provider answered, but not with a chat completion: a base URL that points at a
+    web page, say, or a server that speaks another protocol."""
+
+
+# What the model client raises when the provider, not Parley, is at fault.
+PROVIDER_ERRORS = (
+    openai.APIConnectionError,
+    openai.APIStatusError,
+    MalformedReply,
+    *TRANSPORT_ERRORS,
+)
 # The longest Retry-After Parley honours; a provider asking for more gets a failed attempt.
 MAX_RETRY_AFTER = 60.0
 
@@ -81,7 +93,7 @@ class UntransformedCompletions:
             options["extra_json"] = extra_body
         if timeout is not None:
             options["timeout"] = timeout
-        return await self._client.post(
+        reply = await self._client.post(
             "/chat/completions",
             body=body,
             options=options,
@@ -89,6 +101,62 @@ class UntransformedCompletions:
             stream=bool(body.get("stream")),
             stream_cls=openai.AsyncStream[object],
         )
+        if isinstance(reply, openai.AsyncStream):
+            return _CheckedStream(reply)
+        if not _is_completion(reply):
+            raise MalformedReply(f"not a chat completion: {_preview(reply)}")
+        return reply
+
+
+# ChatOpenAI reads a reply with plain indexing; these are the keys it indexes, so that a
+# reply without them fails the turn with a clear error instead of a KeyError.
+def _is_completion(reply: object) -> bool:
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    return (
+        isinstance(choices, list)
+        and bool(choices)
+        and all(
+            isinstance(choice, dict) and isinstance(choice.get("message"), dict)
+            for choice in choices
+        )
+    )
+
+
+def _is_chunk(piece: object) -> bool:
+    choices = piece.get("choices", []) if isinstance(piece, dict) else None
+    return isinstance(choices, list) and all(
+        isinstance(choice, dict) and "delta" in choice and isinstance(choice["delta"], dict | None)
+        for choice in choices
+    )
+
+
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
+class _CheckedStream:
+    """A streamed reply whose pieces are checked as they come; one with no piece at all
+    (an HTML page has no events) is malformed too."""
+
+    def __init__(self, stream: openai.AsyncStream[Any]) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> _CheckedStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stream.close()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        pieces = 0
+        async for piece in self._stream:
+            if not _is_chunk(piece):
+                raise MalformedReply(f"not a chat completion chunk: {_preview(piece)}")
+            pieces += 1
+            yield piece
+        if not pieces:
+            raise MalformedReply("a streamed reply without a single piece")
 
 
 class _Parsing:
@@ -196,6 +264,8 @@ def pause_before_retry(error: BaseException, interval: float) -> float:
 
 def describe(error: BaseException) -> str:
     """A one-line account of a provider failure, without secrets or stack traces."""
+    if isinstance(error, MalformedReply):
+        return "The model provider's answer was not a chat completion."
     if isinstance(error, openai.APITimeoutError):
         return "The model provider did not answer in time."
     if isinstance(error, openai.APIConnectionError):
