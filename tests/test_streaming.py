@@ -14,6 +14,7 @@ from tests.api_client import (
     as_user,
     messages,
     new_conversation,
+    parse_sse,
     routes_of,
     send,
     send_and_finish,
@@ -22,7 +23,7 @@ from tests.api_client import (
     text_of,
     wait_for_status,
 )
-from tests.conftest import ParleyServer, PostgresDatabases, unique
+from tests.conftest import BACKENDS, ParleyServer, PostgresDatabases, unique
 from tests.fake_provider import FakeProvider, reply_for
 
 
@@ -192,6 +193,26 @@ def test_a_streamed_answer_that_is_not_a_chat_completion_fails_the_turn(
     _, reply = messages(http, conversation)
     assert (reply["status"], reply["content"]) == ("failed", "")
     assert len(provider.calls_for(page)) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_quiet_stream_is_kept_alive_with_comments(
+    make_server: Callable[..., ParleyServer], database_url: str | None
+) -> None:
+    server = make_server(database_url, PARLEY_STREAM_PING_SECONDS="0.2").start()
+    with server.client() as client:
+        http = as_user(client, unique())
+        conversation = new_conversation(http)
+        # The provider takes a second to answer: pings until the first piece.
+        question = unique("[delay:1] hello")
+        turn_id = send(http, conversation, question)
+        with http.stream("GET", f"/api/turns/{turn_id}/stream") as response:
+            lines = list(response.iter_lines())
+    first_token = next(i for i, line in enumerate(lines) if line == "event: token")
+    assert lines[:first_token].count(": ping") >= 3
+    events = list(parse_sse(iter(lines)))
+    assert events[-1].event == "done"
+    assert text_of(events) == reply_for(question)
 
 
 def test_a_retried_model_call_resets_the_stream(http: httpx.Client, provider: FakeProvider) -> None:

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Streaming: a reply's pieces reach readers in this process at once, and its durable
     # stream (for other processes, and after a crash) at most this often.
     stream_flush_seconds: float = Field(default=1.0, ge=0)
+    # A stream with nothing to send for this long gets a comment line, so that proxies
+    # which drop quiet connections keep it (a model can be that slow to its first token).
+    stream_ping_seconds: float = Field(default=15.0, gt=0)
     # How often a reply being written checks the database for a stop that a client of
     # another replica asked for (a stop asked of this process acts at once).
     stop_poll_seconds: float = Field(default=1.0, gt=0)
