@@ -163,36 +163,33 @@ def test_stopping_keeps_what_was_written_and_the_model_remembers_it(
     ]
 
 
+@pytest.mark.parametrize(
+    ("question", "why"),
+    [
+        ("[fail:400] doomed", "HTTP 400"),
+        # A web page where the provider should be: not a stream of chat completion pieces.
+        ("[malformed] hello", "not a chat completion"),
+    ],
+)
 def test_a_failed_turn_says_why_and_the_next_one_works(
-    http: httpx.Client, provider: FakeProvider
+    http: httpx.Client, provider: FakeProvider, question: str, why: str
 ) -> None:
     conversation = new_conversation(http)
-    failing = unique("[fail:400] doomed")
+    failing = unique(question)
     events = list(stream(http, send(http, conversation, failing)))
     assert [e.event for e in events] == ["error"]
-    assert "HTTP 400" in events[0].data["detail"]
+    assert why in events[0].data["detail"]
     user_message, reply = messages(http, conversation)
     assert user_message["content"] == failing
     assert (reply["status"], reply["content"]) == ("failed", "")
-    assert "HTTP 400" in reply["error"]
+    assert why in reply["error"]
+    # Asking again would get the same answer.
+    assert len(provider.calls_for(failing)) == 1
 
     after = unique("after")
     send_and_finish(http, conversation, after)
     (call,) = provider.calls_for(after)
     assert [m["content"] for m in call.messages[1:]] == [after]
-
-
-def test_a_streamed_answer_that_is_not_a_chat_completion_fails_the_turn(
-    http: httpx.Client, provider: FakeProvider
-) -> None:
-    conversation = new_conversation(http)
-    page = unique("[malformed] hello")
-    events = list(stream(http, send(http, conversation, page)))
-    assert [e.event for e in events] == ["error"]
-    assert "not a chat completion" in events[0].data["detail"]
-    _, reply = messages(http, conversation)
-    assert (reply["status"], reply["content"]) == ("failed", "")
-    assert len(provider.calls_for(page)) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
