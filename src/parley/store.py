@@ -527,8 +527,13 @@ class Store:
     ) -> Message | None:
         """Store a turn's final reply; the stored message, or None if it is gone."""
         sql = self._turn_sql
-        values = {"b_turn": turn_id, "b_now": datetime.now(UTC)}
-        values |= {"b_content": content, "b_status": status, "b_error": error}
+        values = {
+            "b_turn": turn_id,
+            "b_now": datetime.now(UTC),
+            "b_content": content,
+            "b_status": status,
+            "b_error": error,
+        }
         async with self.engine.begin() as conn:
             # The conversation first, then the message: the order ``begin_turn`` locks them
             # in, so that the two cannot deadlock on PostgreSQL.
