@@ -17,6 +17,7 @@ from parley.memory import open_memory
 from parley.store import (
     ConversationBusy,
     ConversationNotFound,
+    ReplyFlags,
     Store,
     ensure_postgres_database,
     is_transient,
@@ -108,19 +109,21 @@ async def test_a_conversation_is_only_its_owners(store: Store) -> None:
     assert await store.messages(conversation, limit=10) == []
 
 
-async def test_model_runs_count_epochs_and_see_stop_requests(store: Store) -> None:
+async def test_model_runs_count_epochs_and_see_what_other_processes_ask(store: Store) -> None:
     owner = unique()
     conversation = (await store.create_conversation(owner)).id
     await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="t", content="hi")
     assert (await store.start_model_run("t")).epoch == 1
-    assert await store.stopped_among(["t", "gone"]) == {"gone"}
+    assert await store.reply_flags(["t", "gone"]) == ReplyFlags(stopped={"gone"}, followed=set())
+    await store.follow_elsewhere("t")
+    assert (await store.reply_flags(["t"])).followed == {"t"}
     await store.request_stop("t")
     started = await store.start_model_run("t")
     assert (started.epoch, started.stop_requested) == (2, True)
     stopped = await store.finish_reply("t", content="", status="stopped")
     assert stopped is not None and (stopped.epochs, stopped.status) == (2, "stopped")
     await store.delete_conversation(owner, conversation)
-    assert await store.stopped_among(["t"]) == {"t"}  # a deleted turn is stopped too
+    assert (await store.reply_flags(["t"])).stopped == {"t"}  # a deleted turn is stopped too
     assert await store.finish_reply("t", content="late", status="complete") is None
 
 

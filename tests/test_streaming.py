@@ -434,3 +434,33 @@ def test_a_stop_asked_of_another_replica_stops_the_reply(
         assert final["status"] == "stopped"
         assert reply_for(question).startswith(final["content"])
         assert messages(second, conversation)[-1] == final
+
+
+@pytest.mark.postgres
+def test_a_reader_on_another_replica_gets_the_reply_as_it_is_written(
+    make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
+) -> None:
+    """The replica writing a reply puts its pieces in the durable stream only while a
+    reader elsewhere follows it; that reader says so, and gets them as they come."""
+    database_url = postgres_databases.new_url()
+    writer = make_server(
+        database_url, PARLEY_STOP_POLL_SECONDS="0.2", PARLEY_STREAM_FLUSH_SECONDS="0.2"
+    ).start()
+    other = make_server(database_url).start()
+    with writer.client() as first, other.client() as second:
+        user = unique()
+        as_user(first, user)
+        as_user(second, user)
+        conversation = new_conversation(first)
+        question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(60)))
+        turn_id = send(first, conversation, question)
+        seen: list[Sse] = []
+        for event in stream(second, turn_id):
+            if not seen:
+                # The reply takes 6 s to write; its first piece comes well before that.
+                assert messages(second, conversation)[-1]["status"] == "streaming"
+            seen.append(event)
+        assert seen[-1].event == "done"
+        assert text_of(seen) == reply_for(question)
+        # In batches as they were written, not in one lump with the end.
+        assert len([e for e in seen if e.event == "token"]) > 5

@@ -172,10 +172,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
             sampler = asyncio.create_task(usage.run())
             stack.callback(sampler.cancel)
-            stop_watcher = asyncio.create_task(
-                streams.watch_stops(chat_store.stopped_among, settings.stop_poll_seconds)
+            reply_watcher = asyncio.create_task(
+                streams.watch_replies(chat_store.reply_flags, settings.stop_poll_seconds)
             )
-            stack.callback(stop_watcher.cancel)
+            stack.callback(reply_watcher.cancel)
             # The libraries loaded so far are some hundreds of thousands of objects that
             # live as long as the process. Frozen, the cyclic garbage collector stops
             # walking them on every full collection, which otherwise stalls the event

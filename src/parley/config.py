@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
     # Streaming: a reply's pieces reach readers in this process at once, and its durable
-    # stream (for other processes, and after a crash) at most this often.
+    # stream at most this often while a reader in another process follows it (otherwise
+    # with the end event).
     stream_flush_seconds: float = Field(default=1.0, ge=0)
     # A stream with nothing to send for this long gets a comment line, so that proxies
     # which drop quiet connections keep it (a model can be that slow to its first token).

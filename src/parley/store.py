@@ -66,6 +66,8 @@ messages = sa.Table(
     sa.Column("error", sa.Text(), nullable=True),
     sa.Column("stop_requested", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Column("epochs", sa.Integer(), nullable=False, server_default="0"),
+    # A reader in another process follows this reply: see ``parley.streams``.
+    sa.Column("followed_elsewhere", sa.Boolean(), nullable=False, server_default=sa.false()),
     # One user message and one reply per turn: what makes a re-run step harmless.
     sa.UniqueConstraint("turn_id", "role", name="uq_messages_turn_role"),
     # History reads walk one conversation in id order.
@@ -157,6 +159,14 @@ class Turn:
     owner: str
     text: str
     reply_status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFlags:
+    """Of some turns being written: those asked to stop, and those followed elsewhere."""
+
+    stopped: set[str]
+    followed: set[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,17 +508,34 @@ class Store:
             return Started(epoch=1, stop_requested=True)
         return Started(epoch=row.epochs, stop_requested=row.stop_requested)
 
-    async def stopped_among(self, turn_ids: Sequence[str]) -> set[str]:
-        """Those of the turns whose reply was asked to stop, or is gone with its
-        conversation (which stops it too)."""
-        query = sa.select(messages.c.turn_id).where(
-            messages.c.role == "assistant",
-            messages.c.turn_id.in_(turn_ids),
-            messages.c.stop_requested.is_(False),
-        )
+    async def reply_flags(self, turn_ids: Sequence[str]) -> ReplyFlags:
+        """What other processes asked of these turns' replies: a stop (a reply gone with
+        its conversation counts as stopped too), or their pieces for a reader there."""
+        query = sa.select(
+            messages.c.turn_id, messages.c.stop_requested, messages.c.followed_elsewhere
+        ).where(messages.c.role == "assistant", messages.c.turn_id.in_(turn_ids))
         async with self.engine.connect() as conn:
-            going = set((await conn.execute(query)).scalars())
-        return set(turn_ids) - going
+            rows = (await conn.execute(query)).all()
+        going = {row.turn_id for row in rows if not row.stop_requested}
+        return ReplyFlags(
+            stopped=set(turn_ids) - going,
+            followed={row.turn_id for row in rows if row.followed_elsewhere},
+        )
+
+    async def follow_elsewhere(self, turn_id: str) -> None:
+        """Ask the process writing this reply to put its pieces in the durable stream as
+        they come, for a reader here."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                messages.update()
+                .where(
+                    messages.c.turn_id == turn_id,
+                    messages.c.role == "assistant",
+                    messages.c.status == "streaming",
+                    messages.c.followed_elsewhere.is_(False),
+                )
+                .values(followed_elsewhere=True)
+            )
 
     async def request_stop(self, turn_id: str) -> None:
         async with self.engine.begin() as conn:

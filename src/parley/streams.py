@@ -15,10 +15,13 @@ Two paths carry the events:
 
 - **live**: the process running the model step hands each token to readers in the same
   process at once (``LiveTurn``);
-- **durable**: the step appends tokens to the workflow's DBOS stream in batches, at most
-  one write per ``stream_flush_seconds`` plus one for the reset and one for the end, so a
-  long reply costs a bounded number of writes. A reader in another process, or one that
-  connects after the turn ended, or after a crash, reads this.
+- **durable**: the step writes the workflow's DBOS stream: the reset, then the end event
+  carrying every piece not written before it. A reader that connects after the turn
+  ended, or after a crash, reads this. While a reader in another process follows the
+  reply (it says so in the reply's row, ``followed_elsewhere``, which ``watch_replies``
+  polls), the step also appends the pieces in batches, at most one write per
+  ``stream_flush_seconds``. Pieces cost no write otherwise: stream writes were a third of
+  a streamed turn's CPU, and a crash voids the pieces of its epoch anyway.
 
 A reader takes what it needs from the durable stream (the epochs this process did not run)
 and then follows the live turn, if this process runs it.
@@ -32,10 +35,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dbos import DBOS
 from dbos import error as dbos_errors
+
+if TYPE_CHECKING:
+    from parley.store import ReplyFlags
 
 logger = logging.getLogger("parley.streams")
 
@@ -123,6 +129,7 @@ class LiveTurn:
         self.first_epoch = first_epoch
         self.events: list[Event] = []
         self.stop_requested = False
+        self.followed_elsewhere = False
         self._wake = asyncio.Event()
         self._begun = asyncio.Event()
         if first_epoch is not None:
@@ -221,7 +228,8 @@ def request_stop_here(turn_id: str) -> bool:
 
 @dataclass(slots=True)
 class TurnWriter:
-    """Writes one epoch of a turn's reply: live at once, durable in batches."""
+    """Writes one epoch of a turn's reply: live at once; durable at the end, or in
+    batches while it is followed elsewhere."""
 
     turn_id: str
     epoch: int
@@ -254,8 +262,10 @@ class TurnWriter:
         if not self._batch:
             self._batch_start = self.n
         self._batch.append(text)
-        now = time.monotonic()
-        if now - self._last_flush >= self.flush_seconds:
+        if (
+            self.live.followed_elsewhere
+            and time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
             await self.flush()
 
     async def flush(self) -> None:
@@ -272,11 +282,12 @@ class TurnWriter:
         return value
 
 
-async def watch_stops(
-    stopped_among: Callable[[list[str]], Awaitable[set[str]]], every: float
+async def watch_replies(
+    flags_among: Callable[[list[str]], Awaitable[ReplyFlags]], every: float
 ) -> None:
-    """Stop, within ``every`` seconds, the replies this process writes that were asked to
-    stop through another replica (or whose conversation was deleted there).
+    """Learn, within ``every`` seconds, what other processes asked of the replies this
+    one writes: to stop (or their conversation was deleted there), or to put their pieces
+    in the durable stream for a reader there.
 
     A stop asked of this process acts at once; this is for the others. One query a period
     for all the replies being written, not one per reply: with a thousand at once, the
@@ -287,16 +298,19 @@ async def watch_stops(
         writing = [turn_id for turn_id, live in _live.items() if not live.stop_requested]
         for start in range(0, len(writing), _WATCH_BATCH):
             try:
-                stopped = await stopped_among(writing[start : start + _WATCH_BATCH])
+                flags = await flags_among(writing[start : start + _WATCH_BATCH])
             except Exception as error:  # the database is away: look again next period
                 logger.warning("could not check for stop requests: %s", error)
                 break
-            for turn_id in stopped:
+            for turn_id in flags.stopped:
                 if (live := _live.get(turn_id)) is not None:
                     live.stop_requested = True
+            for turn_id in flags.followed:
+                if (live := _live.get(turn_id)) is not None:
+                    live.followed_elsewhere = True
 
 
-# Turn ids per query of ``watch_stops``: a bounded statement, whatever the load.
+# Turn ids per query of ``watch_replies``: a bounded statement, whatever the load.
 _WATCH_BATCH = 500
 
 

@@ -385,8 +385,12 @@ async def stream_turn(
     message) or ``error`` (a sentence for a person). Reconnecting with ``Last-Event-ID``
     (or ``?after=``) continues right after that event; a finished turn replays whole.
     """
-    every = turns.services().settings.stream_ping_seconds
-    return EventStream(_with_pings(_frames(turn, after), every))
+    parts = turns.services()
+    if turn.reply_status == "streaming" and streams.live_turn(turn.turn_id) is None:
+        # Another process writes this reply, and puts its pieces in the durable stream as
+        # they come only while someone elsewhere follows it.
+        await parts.store.follow_elsewhere(turn.turn_id)
+    return EventStream(_with_pings(_frames(turn, after), parts.settings.stream_ping_seconds))
 
 
 def _frame(event: streams.Event) -> bytes:
