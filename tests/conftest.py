@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -162,6 +163,17 @@ class ParleyServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def count_in_dbos(self, table: str, where: str, *params: object) -> int:
+        """Rows of one of DBOS's tables (``workflow_status``, ``streams``) matching a SQL
+        condition with ``?`` placeholders, read straight from its database."""
+        query = f"SELECT count(*) FROM {{}}{table} WHERE {where}"
+        if "DATABASE_URL" not in self.env:
+            with sqlite3.connect(self.data_dir / "dbos.sqlite") as conn:
+                return int(conn.execute(query.format(""), params).fetchone()[0])
+        with psycopg.connect(self.env["DATABASE_URL"]) as conn:
+            cursor = conn.execute(query.format("dbos.").replace("?", "%s"), params)
+            return int(cursor.fetchone()[0])  # type: ignore[index]
 
 
 @pytest.fixture

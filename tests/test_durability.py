@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import httpx
-import psycopg
 import pytest
 
 from tests.api_client import (
@@ -192,15 +190,6 @@ def follow_to_the_end(http: httpx.Client, turn_id: str, deadline: float) -> list
     return events
 
 
-def pending_workflows(server: ParleyServer, database_url: str | None) -> int:
-    query = "SELECT count(*) FROM {}workflow_status WHERE status IN ('PENDING', 'ENQUEUED')"
-    if database_url is None:
-        with sqlite3.connect(server.data_dir / "dbos.sqlite") as conn:
-            return int(conn.execute(query.format("")).fetchone()[0])
-    with psycopg.connect(database_url) as conn:
-        return int(conn.execute(query.format("dbos.")).fetchone()[0])  # type: ignore[index]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_accepted_turn_finishes_once_through_a_crash_loop(
     make_server: Callable[..., ParleyServer],
@@ -268,4 +257,4 @@ def test_every_accepted_turn_finishes_once_through_a_crash_loop(
     for text, (start, end) in spans.items():
         caught = sum(start < kill < end for kill in kills)
         assert len(provider.calls_for(text)) <= 1 + caught, text
-    assert pending_workflows(server, database_url) == 0
+    assert server.count_in_dbos("workflow_status", "status IN ('PENDING', 'ENQUEUED')") == 0

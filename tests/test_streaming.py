@@ -436,6 +436,24 @@ def test_a_stop_asked_of_another_replica_stops_the_reply(
         assert messages(second, conversation)[-1] == final
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reply_read_where_it_is_written_takes_one_durable_write(
+    make_server: Callable[..., ParleyServer], database_url: str | None
+) -> None:
+    """With nobody following it from another process, a reply's pieces reach its durable
+    stream with the end event, not a batch at a time; a later reader gets them all."""
+    server = make_server(database_url, PARLEY_STREAM_FLUSH_SECONDS="0.1").start()
+    with as_user(server.client(), unique()) as http:
+        conversation = new_conversation(http)
+        question = unique("[slow:0.05] " + " ".join(f"w{i}" for i in range(30)))
+        turn_id = send(http, conversation, question)
+        live = list(stream(http, turn_id))
+        assert len(live) > 5 and text_of(live) == reply_for(question)
+        assert server.count_in_dbos("streams", "workflow_uuid = ?", turn_id) == 1
+        replay = list(stream(http, turn_id))
+        assert replay[-1].event == "done" and text_of(replay) == reply_for(question)
+
+
 @pytest.mark.postgres
 def test_a_reader_on_another_replica_gets_the_reply_as_it_is_written(
     make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
