@@ -300,7 +300,7 @@ async def watch_replies(
             try:
                 flags = await flags_among(writing[start : start + _WATCH_BATCH])
             except Exception as error:  # the database is away: look again next period
-                logger.warning("could not check for stop requests: %s", error)
+                logger.warning("could not check for stop and follow requests: %s", error)
                 break
             for turn_id in flags.stopped:
                 if (live := _live.get(turn_id)) is not None:
