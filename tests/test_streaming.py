@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import httpx
@@ -410,30 +410,40 @@ def test_a_bad_resume_point_is_refused(http: httpx.Client) -> None:
     assert http.get("/api/conversations", headers={"X-Parley-User": "x" * 65}).status_code == 422
 
 
+@pytest.fixture
+def two_replicas(
+    make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
+) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """One user's clients of two replicas on one database. The first is to write the
+    replies, and learns of what the second asks of them every 0.2 s."""
+    database_url = postgres_databases.new_url()
+    writer = make_server(
+        database_url, PARLEY_STOP_POLL_SECONDS="0.2", PARLEY_STREAM_FLUSH_SECONDS="0.2"
+    ).start()
+    other = make_server(database_url).start()
+    user = unique()
+    with as_user(writer.client(), user) as first, as_user(other.client(), user) as second:
+        yield first, second
+
+
 @pytest.mark.postgres
 def test_a_stop_asked_of_another_replica_stops_the_reply(
-    make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
+    two_replicas: tuple[httpx.Client, httpx.Client],
 ) -> None:
-    """Two replicas on one database: the one writing the reply learns of a stop that a
-    client asked of the other within ``PARLEY_STOP_POLL_SECONDS``."""
-    database_url = postgres_databases.new_url()
-    writer = make_server(database_url, PARLEY_STOP_POLL_SECONDS="0.2").start()
-    other = make_server(database_url).start()
-    with writer.client() as first, other.client() as second:
-        user = unique()
-        as_user(first, user)
-        as_user(second, user)
-        conversation = new_conversation(first)
-        question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(100)))
-        turn_id = send(first, conversation, question)
-        seen = stream_stopping(first, turn_id, stopper=second)
-        assert seen[-1].event == "stopped"
-        # 100 words at 0.1 s would take 10 s; the stop lands within a few polls.
-        assert len([e for e in seen if e.event == "token"]) < 30
-        final = seen[-1].data["message"]
-        assert final["status"] == "stopped"
-        assert reply_for(question).startswith(final["content"])
-        assert messages(second, conversation)[-1] == final
+    """The replica writing the reply learns of a stop that a client asked of the other
+    within ``PARLEY_STOP_POLL_SECONDS``."""
+    first, second = two_replicas
+    conversation = new_conversation(first)
+    question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(100)))
+    turn_id = send(first, conversation, question)
+    seen = stream_stopping(first, turn_id, stopper=second)
+    assert seen[-1].event == "stopped"
+    # 100 words at 0.1 s would take 10 s; the stop lands within a few polls.
+    assert len([e for e in seen if e.event == "token"]) < 30
+    final = seen[-1].data["message"]
+    assert final["status"] == "stopped"
+    assert reply_for(question).startswith(final["content"])
+    assert messages(second, conversation)[-1] == final
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -456,29 +466,21 @@ def test_a_reply_read_where_it_is_written_takes_one_durable_write(
 
 @pytest.mark.postgres
 def test_a_reader_on_another_replica_gets_the_reply_as_it_is_written(
-    make_server: Callable[..., ParleyServer], postgres_databases: PostgresDatabases
+    two_replicas: tuple[httpx.Client, httpx.Client],
 ) -> None:
     """The replica writing a reply puts its pieces in the durable stream only while a
     reader elsewhere follows it; that reader says so, and gets them as they come."""
-    database_url = postgres_databases.new_url()
-    writer = make_server(
-        database_url, PARLEY_STOP_POLL_SECONDS="0.2", PARLEY_STREAM_FLUSH_SECONDS="0.2"
-    ).start()
-    other = make_server(database_url).start()
-    with writer.client() as first, other.client() as second:
-        user = unique()
-        as_user(first, user)
-        as_user(second, user)
-        conversation = new_conversation(first)
-        question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(60)))
-        turn_id = send(first, conversation, question)
-        seen: list[Sse] = []
-        for event in stream(second, turn_id):
-            if not seen:
-                # The reply takes 6 s to write; its first piece comes well before that.
-                assert messages(second, conversation)[-1]["status"] == "streaming"
-            seen.append(event)
-        assert seen[-1].event == "done"
-        assert text_of(seen) == reply_for(question)
-        # In batches as they were written, not in one lump with the end.
-        assert len([e for e in seen if e.event == "token"]) > 5
+    first, second = two_replicas
+    conversation = new_conversation(first)
+    question = unique("[slow:0.1] " + " ".join(f"w{i}" for i in range(60)))
+    turn_id = send(first, conversation, question)
+    seen: list[Sse] = []
+    for event in stream(second, turn_id):
+        if not seen:
+            # The reply takes 6 s to write; its first piece comes well before that.
+            assert messages(second, conversation)[-1]["status"] == "streaming"
+        seen.append(event)
+    assert seen[-1].event == "done"
+    assert text_of(seen) == reply_for(question)
+    # In batches as they were written, not in one lump with the end.
+    assert len([e for e in seen if e.event == "token"]) > 5

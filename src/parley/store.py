@@ -488,16 +488,7 @@ class Store:
 
     async def fail_orphan(self, turn_id: str, error: str) -> None:
         """Mark a reply that no workflow will ever write as failed."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                messages.update()
-                .where(
-                    messages.c.turn_id == turn_id,
-                    messages.c.role == "assistant",
-                    messages.c.status == "streaming",
-                )
-                .values(status="failed", error=error)
-            )
+        await self._update_reply_in_progress(turn_id, status="failed", error=error)
 
     async def start_model_run(self, turn_id: str) -> Started:
         """Count one more run of the model for this turn; its number is the new epoch."""
@@ -525,19 +516,13 @@ class Store:
     async def follow_elsewhere(self, turn_id: str) -> None:
         """Ask the process writing this reply to put its pieces in the durable stream as
         they come, for a reader here."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                messages.update()
-                .where(
-                    messages.c.turn_id == turn_id,
-                    messages.c.role == "assistant",
-                    messages.c.status == "streaming",
-                    messages.c.followed_elsewhere.is_(False),
-                )
-                .values(followed_elsewhere=True)
-            )
+        await self._update_reply_in_progress(turn_id, followed_elsewhere=True)
 
     async def request_stop(self, turn_id: str) -> None:
+        await self._update_reply_in_progress(turn_id, stop_requested=True)
+
+    async def _update_reply_in_progress(self, turn_id: str, **values: Any) -> None:
+        """Set ``values`` on a turn's reply, if it is still being written."""
         async with self.engine.begin() as conn:
             await conn.execute(
                 messages.update()
@@ -546,7 +531,7 @@ class Store:
                     messages.c.role == "assistant",
                     messages.c.status == "streaming",
                 )
-                .values(stop_requested=True)
+                .values(**values)
             )
 
     async def finish_reply(
