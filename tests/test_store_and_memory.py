@@ -272,6 +272,20 @@ class StopAfter:
         return len(self.pieces) >= self.limit
 
 
+async def test_a_streamed_turn_answered_again_gives_its_sink_the_remembered_reply(
+    settings: Settings, provider: FakeProvider
+) -> None:
+    """A step's second run streams the reply the checkpoint holds, without the model."""
+    question = unique("question")
+    first, again = StopAfter(1000), StopAfter(1000)
+    async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
+        await memory.reply("conv", "turn-1", question, sink=first)
+        reply = await memory.reply("conv", "turn-1", question, sink=again)
+    assert "".join(first.pieces) == reply.text == reply_for(question)
+    assert again.pieces == [reply_for(question)]
+    assert len(provider.calls_for(question)) == 1
+
+
 async def test_a_stopped_reply_is_remembered_as_far_as_it_went(
     settings: Settings, provider: FakeProvider
 ) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import httpx
+import psycopg
 import pytest
 
 from tests.api_client import (
@@ -25,6 +26,7 @@ from tests.api_client import (
 )
 from tests.conftest import BACKENDS, ParleyServer, PostgresDatabases, unique
 from tests.fake_provider import FakeProvider, reply_for
+from tests.test_durability import wait_for
 
 
 @pytest.fixture
@@ -219,6 +221,56 @@ def test_a_retried_model_call_resets_the_stream(http: httpx.Client, provider: Fa
     assert events[-1].event == "done"
     assert text_of(events) == reply_for(question)
     assert len(provider.calls_for(question)) == 2
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("ending", ["done", "stopped"])
+def test_a_reply_stored_on_the_second_try_streams_again_after_the_reset(
+    make_server: Callable[..., ParleyServer],
+    postgres_databases: PostgresDatabases,
+    provider: FakeProvider,
+    ending: str,
+) -> None:
+    """Storing a finished (or stopped) reply fails once, its conversation's row locked
+    past the statement timeout, so the step runs again: the model is not asked again, and
+    the new epoch, which opens with a reset, carries the reply as remembered, so a reader
+    is not left with none."""
+    database_url = postgres_databases.new_url()
+    server = make_server(
+        database_url, PARLEY_DB_STATEMENT_TIMEOUT="1", PARLEY_LLM_RETRY_INTERVAL="0.5"
+    ).start()
+
+    def storing_waits() -> bool:
+        with psycopg.connect(database_url, autocommit=True) as probe:
+            row = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()
+            return row is not None and row[0] > 0
+
+    with as_user(server.client(), unique()) as http:
+        conversation = new_conversation(http)
+        question = unique("[slow:0.05] " + " ".join(f"w{i}" for i in range(40)))
+        turn_id = send(http, conversation, question)
+        events = stream(http, turn_id)
+        seen = [next(events), next(events)]
+        with psycopg.connect(database_url) as locker:
+            locker.execute("SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (conversation,))
+            if ending == "stopped":
+                assert http.post(f"/api/turns/{turn_id}/cancel").status_code == 200
+            wait_for(storing_waits, 10)
+            wait_for(lambda: not storing_waits(), 10)  # the statement timed out
+            locker.rollback()
+        seen += list(events)
+    kinds = [event.event for event in seen]
+    assert "reset" in kinds and kinds[-1] == ending
+    final = seen[-1].data["message"]
+    if ending == "done":
+        assert final["content"] == reply_for(question)
+    else:
+        assert final["content"] and reply_for(question).startswith(final["content"])
+    assert text_of(seen[kinds.index("reset") :]) == text_of(seen) == final["content"]
+    assert len(provider.calls_for(question)) == 1
 
 
 # --- Turns and conversations ---------------------------------------------------------

@@ -85,8 +85,15 @@ class Memory:
     def _build(self, checkpointer: BaseCheckpointSaver[Any]) -> CompiledStateGraph[Any]:
         async def call_model(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
             reply_id = reply_message_id(config["configurable"]["turn_id"])
+            sink = _sink.get()
             if state["messages"] and state["messages"][-1].id == reply_id:
-                return {}  # answered before a crash: the checkpoint already holds the reply
+                # Answered by an earlier run (a crash, or a failure to store the reply,
+                # came after the model finished): the checkpoint holds the reply, so the
+                # model is not asked again. This run's stream opened with a reset, so it
+                # gets the remembered text, or its readers would be left with none.
+                if sink is not None and (remembered := state["messages"][-1].text):
+                    await sink.token(remembered)
+                return {}
             window = self._window(state["messages"])
             prompt = [SystemMessage(self.system_prompt), *window]
             # Memory keeps what the model will be shown next time and nothing older (the
@@ -98,7 +105,6 @@ class Memory:
                 for message in state["messages"]
                 if message.id not in shown and message.id is not None
             ]
-            sink = _sink.get()
             if sink is None:
                 text = (await self.model.ainvoke(prompt)).text
                 return {"messages": [*forgotten, AIMessage(content=text, id=reply_id)]}

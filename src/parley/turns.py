@@ -134,9 +134,12 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
     await writer.begin()
     if started.stop_requested or writer.stopped:
         # Stopped before this run began (perhaps before a crash): keep what the model's
-        # memory already holds of the reply, and ask for nothing more.
+        # memory already holds of the reply, and ask for nothing more. The epoch opened
+        # with a reset, so it carries that text again.
         text_so_far = await parts.memory.reply_so_far(conversation_id, turn_id)
-        return {"text": text_so_far, "stopped": True, "tail": None}
+        if text_so_far:
+            await writer.token(text_so_far)
+        return {"text": text_so_far, "stopped": True, "tail": writer.tail()}
     try:
         reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
     except llm.PROVIDER_ERRORS as error:
