@@ -6,8 +6,12 @@ generator, in this process) each send ``POST /chat`` turn after turn, as distinc
 for ``--seconds``. Parley's CPU is read from its process (psutil) over the measured span,
 less its idle CPU, and divided by the turns served.
 
+With ``--processes`` above 1, that many Parley processes share the PostgreSQL database,
+as replicas do (each with its own executor id), and the clients are dealt out among them
+as a load balancer would; the CPU figures are their sum.
+
     .venv/bin/python bench/chat_load.py [--clients 50] [--latency 1.0] [--seconds 20]
-                                        [--database-url URL]
+                                        [--database-url URL] [--processes 1]
 
 The issue's targets: 5 ms of CPU or less per turn (50 clients, 1 s model); with 150
 clients, median turn time 1.25 s or less and p99 2 s or less, no errors; 150 turns/s or
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -29,14 +34,21 @@ import psutil
 from _support import add_database_argument, cpu_seconds, fake_provider, parley, storage, summary
 
 
-async def load(url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+async def load(urls: list[str], clients: int, seconds: float) -> tuple[list[float], int]:
     limits = httpx2.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx2.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with contextlib.AsyncExitStack() as stack:
+        https = [
+            await stack.enter_async_context(
+                httpx2.AsyncClient(base_url=url, timeout=120, limits=limits)
+            )
+            for url in urls
+        ]
         deadline = time.perf_counter() + seconds
         errors = 0
 
         async def client(index: int) -> list[float]:
             nonlocal errors
+            http = https[index % len(https)]
             found = []
             turn = 0
             while time.perf_counter() < deadline:
@@ -59,26 +71,43 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[50, 150])
     parser.add_argument("--latency", type=float, default=1.0, help="the model's answer time")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--processes", type=int, default=1, help="Parley processes sharing the PostgreSQL database"
+    )
     add_database_argument(parser)
     args = parser.parse_args()
+    if args.processes > 1 and args.database_url is None:
+        parser.error("--processes above 1 needs --database-url: replicas share PostgreSQL")
 
     env, storage_name = storage(args.database_url)
     print(f"storage: {storage_name}; the model answers after {args.latency * 1000:.0f} ms")
-    with (
-        tempfile.TemporaryDirectory() as data_dir,
-        fake_provider(args.latency) as base_url,
-        parley(Path(data_dir), OPENAI_BASE_URL=base_url, **env) as (url, pid),
-    ):
-        server = psutil.Process(pid)
-        asyncio.run(load(url, 5, 2))  # warm-up: connections, first queries
-        before = cpu_seconds(server)
+    if args.processes > 1:
+        print(f"{args.processes} Parley processes, the clients dealt out among them")
+    with contextlib.ExitStack() as stack:
+        base_url = stack.enter_context(fake_provider(args.latency))
+        urls, servers = [], []
+        for index in range(args.processes):
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            url, pid = stack.enter_context(
+                parley(
+                    data_dir, OPENAI_BASE_URL=base_url, PARLEY_EXECUTOR_ID=f"bench-{index}", **env
+                )
+            )
+            urls.append(url)
+            servers.append(psutil.Process(pid))
+
+        def parley_cpu() -> float:
+            return sum(cpu_seconds(server) for server in servers)
+
+        asyncio.run(load(urls, 5, 2))  # warm-up: connections, first queries
+        before = parley_cpu()
         time.sleep(3)
-        idle = (cpu_seconds(server) - before) / 3
+        idle = (parley_cpu() - before) / 3
         for clients in args.clients:
-            started, served = time.perf_counter(), cpu_seconds(server)
-            times, errors = asyncio.run(load(url, clients, args.seconds))
+            started, served = time.perf_counter(), parley_cpu()
+            times, errors = asyncio.run(load(urls, clients, args.seconds))
             wall = time.perf_counter() - started
-            used = cpu_seconds(server) - served
+            used = parley_cpu() - served
             busy = used - idle * wall
             print(f"\n{clients} clients, {len(times)} turns in {wall:.1f} s, {errors} errors")
             print(f"  turn time:  {summary(times)}  (median {statistics.median(times):.3f} s)")
