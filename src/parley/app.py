@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import sqlalchemy as sa
-from dbos import DBOS
+from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI, Request, Response, status
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -102,6 +102,35 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+def dbos_config(settings: Settings) -> DBOSConfig:
+    """DBOS's configuration for this process (also used by ``bench/floor.py``)."""
+    return {
+        "name": "parley",
+        "system_database_url": settings.dbos_database_url,
+        "executor_id": settings.executor_id,
+        # Recovery resumes only the workflows of the running version.
+        "application_version": __version__,
+        "log_level": settings.log_level.upper(),
+        # DBOS's notifier thread wakes this often to send what stream writes and finished
+        # workflows have queued; at its default of 10 ms it is half of an idle Parley's CPU
+        # (13.5 ms/s idle, 10.5 at 50 ms). Readers in other processes hear of a write up to
+        # 50 ms later, of batches written once a second (PARLEY_STREAM_FLUSH_SECONDS).
+        "notification_coalesce_sec": 0.05,
+        "db_engine_kwargs": {
+            "connect_args": {
+                "application_name": "parley-dbos",
+                "connect_timeout": max(1, round(settings.db_timeout)),
+            },
+            "pool_timeout": settings.db_timeout,
+            # DBOS's default pings the database before each of a turn's four transactions,
+            # doubling its round trips. A connection that died (a database restart) fails
+            # its statement instead, which DBOS retries on a fresh one; the restart test
+            # covers it.
+            "pool_pre_ping": False,
+        },
+    }
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -134,34 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             stack.callback(turns.install, None)
 
-            DBOS(
-                config={
-                    "name": "parley",
-                    "system_database_url": settings.dbos_database_url,
-                    "executor_id": settings.executor_id,
-                    # Recovery resumes only the workflows of the running version.
-                    "application_version": __version__,
-                    "log_level": settings.log_level.upper(),
-                    # DBOS's notifier thread wakes this often to send what stream writes
-                    # and finished workflows have queued; at its default of 10 ms it is
-                    # half of an idle Parley's CPU (13.5 ms/s idle, 10.5 at 50 ms). Readers
-                    # in other processes hear of a write up to 50 ms later, of batches
-                    # written once a second (PARLEY_STREAM_FLUSH_SECONDS).
-                    "notification_coalesce_sec": 0.05,
-                    "db_engine_kwargs": {
-                        "connect_args": {
-                            "application_name": "parley-dbos",
-                            "connect_timeout": max(1, round(settings.db_timeout)),
-                        },
-                        "pool_timeout": settings.db_timeout,
-                        # DBOS's default pings the database before each of a turn's four
-                        # transactions, doubling its round trips. A connection that died
-                        # (a database restart) fails its statement instead, which DBOS
-                        # retries on a fresh one; the restart test covers it.
-                        "pool_pre_ping": False,
-                    },
-                }
-            )
+            DBOS(config=dbos_config(settings))
             # Launched from the server's own event loop, so that turns DBOS recovers run
             # on this loop, beside the database pools they use.
             DBOS.launch()
