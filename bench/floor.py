@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if any(args.turns % concurrency for concurrency in args.concurrency):
+        parser.error("--turns must be a multiple of every --concurrency")
 
     env, storage_name = storage(args.database_url)
     print(f"storage: {storage_name}; {args.turns} turns a part, {args.rounds} rounds")
