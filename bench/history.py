@@ -76,7 +76,8 @@ def fill(settings: Settings, total: int, per: int) -> str:
             conn.execute(sa.text(statement), values)
     # Committed: ANALYZE's statistics are transactional, and a plan made without them
     # sorts the conversation instead of reading it in index order (8 ms against 4 ms on
-    # PostgreSQL). A real server's autovacuum gathers them by itself; CI's has it off.
+    # PostgreSQL). A real server's autovacuum gathers them by itself; these machines'
+    # PostgreSQL runs with autovacuum off.
     with engine.begin() as conn:
         conn.execute(sa.text("ANALYZE"))
     with engine.connect() as conn:
