@@ -28,6 +28,7 @@ is this process's, all threads, less its idle rate (DBOS's pollers) over the sam
 Rounds alternate the parts, and the median round of each is reported.
 
     .venv/bin/python bench/floor.py [--database-url URL] [--turns 500] [--concurrency 1 50]
+                                    [--rounds 3]
 """
 
 from __future__ import annotations
