@@ -5,8 +5,8 @@ nothing of the rest around it, and its CPU per turn is measured, so that their s
 least a turn can cost with these libraries, whatever the code around them does:
 
 - **HTTP**: uvicorn (httptools, uvloop) and FastAPI answering a ``POST /chat`` whose body
-  a pydantic model checks, with a small JSON reply; in a child process, whose CPU is read
-  with psutil;
+  Parley's own request model checks, with Parley's reply model; in a child process, whose
+  CPU is read with psutil;
 - **DBOS**: a workflow of one async step that returns at once, under its own workflow id,
   started and awaited as Parley's turns are, with Parley's DBOS configuration;
 - **LangGraph**: Parley's graph and checkpointer (``parley.memory``) with the model
@@ -52,9 +52,9 @@ import uvloop
 from dbos import DBOS, SetWorkflowID
 from fastapi import FastAPI
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, SystemMessage
-from pydantic import BaseModel, Field, StrictStr
 
 from _support import add_database_argument, cpu_seconds, fake_provider, free_port, storage
+from parley.api.seed import ChatMessage, ChatRequest
 from parley.app import dbos_config
 from parley.config import Settings
 from parley.llm import open_chat_model
@@ -95,16 +95,6 @@ async def run_turns(turn: Turn, turns: int, concurrency: int, idle_rate: float) 
     await asyncio.gather(*(worker(index) for index in range(concurrency)))
     used = time.process_time() - cpu - idle_rate * (time.perf_counter() - wall)
     return used / turns * 1000
-
-
-class ChatRequest(BaseModel):
-    message: StrictStr = Field(min_length=1, max_length=16_000)
-    username: StrictStr = Field(min_length=1, max_length=64)
-
-
-class ChatMessage(BaseModel):
-    content: str
-    isUser: bool
 
 
 async def chat(body: ChatRequest) -> ChatMessage:
