@@ -10,9 +10,14 @@ const vendor = join(root, "src", "parley", "web", "vendor");
 const version = (name) =>
   JSON.parse(readFileSync(join(root, "node_modules", name, "package.json"), "utf8")).version;
 
+const swagger = version("swagger-ui-dist");
 const files = [
   ["marked", "lib/marked.esm.js", `marked-${version("marked")}.esm.js`],
   ["dompurify", "dist/purify.es.mjs", `purify-${version("dompurify")}.es.mjs`],
+  // Swagger UI, for the interactive API docs at /docs (src/parley/web/docs.html).
+  ["swagger-ui-dist", "swagger-ui-bundle.js", `swagger-ui-bundle-${swagger}.js`],
+  ["swagger-ui-dist", "swagger-ui-bundle.js.LICENSE.txt", `swagger-ui-bundle-${swagger}.js.LICENSE.txt`],
+  ["swagger-ui-dist", "swagger-ui.css", `swagger-ui-${swagger}.css`],
 ];
 
 rmSync(vendor, { recursive: true, force: true });

@@ -10,7 +10,12 @@ directives:
 - ``[delay:SECONDS]``: wait before answering;
 - ``[slow:SECONDS]``: when streaming, wait this long before each word after the first;
 - ``[malformed]``: answer 200 with a web page, streamed or not, as a base URL that points
-  at a web server would.
+  at a web server would;
+- ``[echo-key:CODE]``: answer HTTP CODE with an error that quotes the request's
+  ``Authorization`` header, as some providers do with a key they refuse.
+
+``GET /v1/models`` lists the one model. A provider made with ``api_key`` refuses (401)
+requests that do not carry that key, on both routes.
 
 The reply is ``"Arr! You said: <message>"``, streamed word by word when asked to stream.
 
@@ -39,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow|malformed)(?::([0-9.]+))?\]")
+_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow|malformed|echo-key)(?::([0-9.]+))?\]")
 
 
 @dataclass
@@ -87,8 +92,9 @@ def reply_for(message: str) -> str:
 
 
 class FakeProvider:
-    def __init__(self, latency: float = 0.0) -> None:
+    def __init__(self, latency: float = 0.0, api_key: str | None = None) -> None:
         self.latency = latency
+        self.api_key = api_key
         self.calls: list[Call] = []
         self.faults: Faults | None = None
         self._released = threading.Event()
@@ -111,7 +117,23 @@ class FakeProvider:
     def calls_for(self, text: str) -> list[Call]:
         return [call for call in self.calls if call.last_user == text]
 
+    def _refused(self, request: Request) -> Response | None:
+        if self.api_key is None or request.headers.get("authorization") == f"Bearer {self.api_key}":
+            return None
+        return JSONResponse(
+            {"error": {"message": "Incorrect API key provided.", "code": "invalid_api_key"}}, 401
+        )
+
+    async def _models(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
+        return JSONResponse(
+            {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "fake"}]}
+        )
+
     async def _completions(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
         body = await request.json()
         call = Call(
             messages=body["messages"],
@@ -130,6 +152,9 @@ class FakeProvider:
                 return _failure(int(argument))
             elif name == "malformed":
                 return HTMLResponse("<html><body>Welcome to nginx!</body></html>")
+            elif name == "echo-key":
+                message = f"Refused the request with Authorization: {call.authorization}"
+                return JSONResponse({"error": {"message": message}}, int(argument))
             elif name == "fail-once" and text not in self._failed_once:
                 self._failed_once.add(text)
                 return _failure(int(argument))
@@ -200,7 +225,12 @@ class FakeProvider:
         yield "data: [DONE]\n\n"
 
     def start(self) -> FakeProvider:
-        app = Starlette(routes=[Route("/v1/chat/completions", self._completions, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._completions, methods=["POST"]),
+                Route("/v1/models", self._models),
+            ]
+        )
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]

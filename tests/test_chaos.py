@@ -150,7 +150,8 @@ def test_clients_that_never_read_do_not_slow_the_others(
 
     # 200 readers of that stream that read nothing at all.
     request = (
-        f"GET /api/turns/{turn_id}/stream HTTP/1.1\r\nHost: x\r\nCookie: parley_user={user}\r\n\r\n"
+        f"GET /api/turns/{turn_id}/stream HTTP/1.1\r\n"
+        f"Host: localhost\r\nCookie: parley_user={user}\r\n\r\n"
     ).encode()
     sockets = []
     for _ in range(200):

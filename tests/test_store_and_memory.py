@@ -302,3 +302,47 @@ async def test_a_stopped_reply_is_remembered_as_far_as_it_went(
     assert so_far == reply.text
     (call,) = provider.calls_for(question)
     assert call.stream
+
+
+async def test_a_finished_reply_is_never_overwritten(store: Store) -> None:
+    """A reply failed as an orphan, or finished by an earlier run of the step, stays as
+    it is when a late run finishes it again."""
+    owner = unique()
+    conversation = (await store.create_conversation(owner)).id
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="o", content="1")
+    await store.fail_orphan("o", "The turn was interrupted.")
+    late = await store.finish_reply("o", content="too late", status="complete")
+    assert late is not None
+    assert (late.status, late.content, late.error) == ("failed", "", "The turn was interrupted.")
+    await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="p", content="2")
+    await store.finish_reply("p", content="first", status="complete")
+    again = await store.finish_reply("p", content="second", status="stopped")
+    assert again is not None and (again.status, again.content) == ("complete", "first")
+
+
+async def test_a_turn_that_cannot_start_is_failed_and_ends_its_readers(
+    store: Store, settings: Settings
+) -> None:
+    """No DBOS runs in this process, so starting the workflow fails: the reply must not
+    stay "being written", nor its readers wait for ever."""
+    from parley import streams, turns
+    from parley.usage import UsageMeter
+
+    turns.install(
+        turns.Services(store=store, memory=None, usage=UsageMeter(), settings=settings)  # type: ignore[arg-type]
+    )
+    try:
+        owner = unique()
+        conversation = (await store.create_conversation(owner)).id
+        await store.begin_turn(owner=owner, conversation_id=conversation, turn_id="s", content="1")
+        streams.expect("s")
+        live = streams.live_turn("s")
+        assert live is not None
+        with pytest.raises(Exception):  # noqa: B017 (whatever DBOS raises)
+            await turns._start_workflow("s", conversation, "1", True, new=True)
+        assert live.events and live.events[-1].type == "error"
+        assert streams.live_turn("s") is None
+        reply = await store.message("s", "assistant")
+        assert reply is not None and reply.status == "failed"
+    finally:
+        turns.install(None)

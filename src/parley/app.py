@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import ipaddress
 import logging
 import os
 import sqlite3
@@ -16,15 +17,16 @@ import psycopg
 import sqlalchemy as sa
 from dbos import DBOS, DBOSConfig
 from fastapi import FastAPI, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parley import __version__, store, streams, turns
-from parley.accounts import Accounts, session_secret
+from parley import __version__, deletion, store, streams, turns
+from parley.accounts import AccountLimits, Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
+from parley.api.bodies import validation_failed
 from parley.config import Settings
-from parley.limits import SlidingWindow
 from parley.llm import LocalModelServer, open_chat_model
 from parley.memory import open_memory
 from parley.usage import UsageMeter
@@ -62,15 +64,16 @@ class CachedStaticFiles(StaticFiles):
         return response
 
 
-# The page runs under this policy: its own scripts and styles only, no inline script,
-# nothing from elsewhere, never in a frame. The interactive API docs load Swagger UI from
-# a CDN, so they are left out of it.
+# Every response carries this policy: the page's own scripts and styles only, no inline
+# script, nothing from elsewhere, never in a frame. The interactive API docs (/docs) are
+# Parley's own page too, with Swagger UI vendored in web/vendor.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
 _SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
@@ -79,7 +82,9 @@ _SECURITY_HEADERS = [
 
 class SecurityHeaders:
     """Adds the security headers to every response (a plain ASGI middleware, so that
-    streamed responses get them too)."""
+    streamed responses get them too). It wraps the whole application (see ``ParleyApp``),
+    so that the answers of the layers outside the routes (413 for a body too large, 500,
+    400 for a host name refused) get them as well."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -88,18 +93,92 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = scope["path"] in ("/docs", "/redoc", "/docs/oauth2-redirect")
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += _SECURITY_HEADERS
-                if not docs:
-                    headers.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", []), *_SECURITY_HEADERS]
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost" or name.endswith(".localhost") or name == "[::1]":
+        return True
+    try:
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, lower case, without its port or a final dot."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        host = host[: host.find("]") + 1] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host[:-1] if host.endswith(".") else host
+
+
+class AllowedHosts:
+    """Refuses requests whose Host header names a host not allowed (400, JSON).
+
+    Open mode answers only loopback names (``localhost``, ``*.localhost``, 127.0.0.0/8,
+    ``[::1]``) and those in PARLEY_ALLOWED_HOSTS: a web page elsewhere can point a name of
+    its own at 127.0.0.1 (DNS rebinding) and make the user's browser read and write chats,
+    and such a request names the page's host. Accounts mode accepts any name unless
+    PARLEY_ALLOWED_HOSTS is set.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: list[str] | None, any_host: bool) -> None:
+        self.app = app
+        listed = allowed or []
+        self.any_host = (any_host and allowed is None) or "*" in listed
+        self.names = frozenset(name for name in listed if not name.startswith("*."))
+        self.suffixes = tuple(name[1:] for name in listed if name.startswith("*."))
+
+    def allows(self, name: str) -> bool:
+        return (
+            self.any_host
+            or _is_loopback(name)
+            or name in self.names
+            or (bool(self.suffixes) and name.endswith(self.suffixes))
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any_host:  # Parley has no WebSocket routes
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope["headers"] if k == b"host"), b"")
+        name = host_name(header.decode("latin-1"))
+        if self.allows(name):
+            await self.app(scope, receive, send)
+            return
+        refusal = JSONResponse(
+            {
+                "detail": f"The host name {name!r} is not served here; list it in "
+                "PARLEY_ALLOWED_HOSTS (open mode answers only loopback names: localhost, "
+                "127.0.0.1, [::1])."
+            },
+            status_code=status.HTTP_400_BAD_REQUEST,
+        )
+        await refusal(scope, receive, send)
+
+
+class ParleyApp(FastAPI):
+    """FastAPI, with the host check and the security headers outside everything else,
+    FastAPI's own outer layers (its 500s, the body-size limit's 413) included."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        settings: Settings = self.state.settings
+        return SecurityHeaders(
+            AllowedHosts(
+                super().build_middleware_stack(),
+                settings.allowed_host_names,
+                any_host=settings.auth == "accounts",
+            )
+        )
 
 
 def dbos_config(settings: Settings) -> DBOSConfig:
@@ -108,8 +187,10 @@ def dbos_config(settings: Settings) -> DBOSConfig:
         "name": "parley",
         "system_database_url": settings.dbos_database_url,
         "executor_id": settings.executor_id,
-        # Recovery resumes only the workflows of the running version.
-        "application_version": __version__,
+        # Recovery resumes only the workflows of the running version: the version of the
+        # turn workflow's shape, not of the package, so that turns survive an upgrade
+        # that leaves that shape alone (see ``turns.TURN_WORKFLOW_VERSION``).
+        "application_version": turns.TURN_WORKFLOW_VERSION,
         "log_level": settings.log_level.upper(),
         # DBOS's notifier thread wakes this often to send what stream writes and finished
         # workflows have queued; at its default of 10 ms it is half of an idle Parley's CPU
@@ -141,10 +222,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             chat_store = store.Store.from_settings(settings)
             stack.push_async_callback(chat_store.close)
             if settings.auth == "accounts":
-                app.state.accounts = Accounts(chat_store.engine, session_secret(settings))
-                app.state.sign_in_limits = (
-                    SlidingWindow(settings.sign_in_failures_per_account, 300),
-                    SlidingWindow(settings.sign_in_failures_per_address, 300),
+                app.state.accounts = Accounts(
+                    chat_store.engine,
+                    session_secret(settings),
+                    AccountLimits.from_settings(settings),
                 )
 
             usage = app.state.usage
@@ -168,6 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # on this loop, beside the database pools they use.
             DBOS.launch()
             stack.callback(DBOS.destroy)
+            await turns.end_turns_of_other_versions(settings.executor_id)
             # On shutdown, turns in flight get a moment to finish (on this loop, so before
             # DBOS stops); the rest resume at the next start, from their last step.
             stack.push_async_callback(turns.drain, settings.shutdown_grace_seconds)
@@ -178,6 +260,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 streams.watch_replies(chat_store.reply_flags, settings.stop_poll_seconds)
             )
             stack.callback(reply_watcher.cancel)
+            deletions = asyncio.create_task(deletion.sweep(chat_store, memory))
+            stack.callback(deletions.cancel)
             # The libraries loaded so far are some hundreds of thousands of objects that
             # live as long as the process. Frozen, the cyclic garbage collector stops
             # walking them on every full collection, which otherwise stalls the event
@@ -186,14 +270,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             logger.info("Parley is ready")
             yield
 
-    app = FastAPI(
+    app = ParleyApp(
         title="Parley",
         version=__version__,
         summary="A durable LLM chat service.",
         lifespan=lifespan,
         max_body_size=settings.max_body_bytes,
+        # /docs is a page of Parley's own (below); ReDoc would load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
-    app.add_middleware(SecurityHeaders)
     app.state.settings = settings
     app.state.usage = UsageMeter()
     app.state.local_model = None
@@ -206,13 +292,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(auth.admin)
     app.mount("/static", CachedStaticFiles(directory=WEB_DIR), name="static")
-    page = (WEB_DIR / "index.html").read_text().replace("{{version}}", asset_version())
+    version = asset_version()
+    page = (WEB_DIR / "index.html").read_text().replace("{{version}}", version)
+    docs_page = (WEB_DIR / "docs.html").read_text().replace("{{version}}", version)
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         # Revalidated every time, so a new release's assets (new version in their URLs)
         # are picked up at once, while the assets themselves are cached for good.
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """The interactive API docs: Swagger UI, served from the package."""
+        return HTMLResponse(docs_page, headers={"Cache-Control": "no-cache"})
+
+    app.add_exception_handler(RequestValidationError, validation_failed)
 
     async def database_unavailable(_request: Request, error: Exception) -> JSONResponse:
         if not store.is_transient(error):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,25 @@ def migrate(settings: Settings) -> None:
     print(f"Migrated {settings.describe_database()}")
 
 
+def keep_data_private(settings: Settings) -> None:
+    """Make what Parley writes readable by its own user only: files it creates from now
+    on (umask 077), and the data directory and the files already in it (the chats, the
+    session secret, the logs), which earlier versions left readable by everyone."""
+    os.umask(0o077)
+    data_dir = settings.data_dir
+    if not data_dir.is_dir():
+        return
+    try:
+        data_dir.chmod(0o700)
+        for path in data_dir.iterdir():
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
+    except OSError as error:  # not ours to change, say: Parley still runs
+        logging.getLogger("parley").warning(
+            "could not make %s private to this user: %s", data_dir, error
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="parley", description="Parley: a durable LLM chat service."
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = _settings(args)
         logs.setup(settings)
+        keep_data_private(settings)
         if args.run is serve:
             serve(settings, insecure_open=args.insecure_open)
         else:

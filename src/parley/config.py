@@ -102,14 +102,27 @@ class Settings(BaseSettings):
     # Accounts mode: the key sessions are stored under. Unset: generated once and kept in
     # the data directory; replicas sharing a database must share one.
     session_secret: SecretStr | None = None
-    # Accounts mode: per-user limits on starting turns, and on failed sign-ins per
-    # account and per client address (each over 5 minutes).
+    # Accounts mode: per-user limits on starting turns, on failed sign-ins per account
+    # and per client address (each over 5 minutes), and on sign-ups per client address
+    # (over an hour); all counted in the database, so across replicas.
     turns_per_minute: int = Field(default=30, ge=1)
     concurrent_turns: int = Field(default=3, ge=1)
     sign_in_failures_per_account: int = Field(default=10, ge=1)
     sign_in_failures_per_address: int = Field(default=50, ge=1)
+    signups_per_address: int = Field(default=20, ge=1)
+    # Accounts mode: Argon2 hashes (sign-in, sign-up) run at most this many at once in a
+    # process, with at most ``password_hash_queue`` more waiting; beyond that a request
+    # gets 503 at once. One hash keeps about one and a half cores busy for a tenth of a
+    # second, so on two cores one at a time leaves the event loop its core.
+    password_hashes_at_once: int = Field(default=1, ge=1)
+    password_hash_queue: int = Field(default=32, ge=0)
     # Requests with a larger body are refused (413) before it is read.
     max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Host names requests may name (comma-separated; ``*.example.com`` matches its
+    # subdomains, ``*`` any name). Open mode always accepts the loopback names and refuses
+    # the rest unless listed, so that no web page can reach it through DNS rebinding;
+    # accounts mode accepts any name unless this is set.
+    allowed_hosts: str | None = None
 
     @field_validator("database_url", "openai_base_url", "model", "model_path", mode="before")
     @classmethod
@@ -122,6 +135,13 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("DATABASE_URL must be a postgresql:// URL (unset it for SQLite)")
         return value
+
+    @property
+    def allowed_host_names(self) -> list[str] | None:
+        """PARLEY_ALLOWED_HOSTS as a list of lower-case names; None when unset."""
+        if self.allowed_hosts is None or not self.allowed_hosts.strip():
+            return None
+        return [name.strip().lower() for name in self.allowed_hosts.split(",") if name.strip()]
 
     @property
     def uses_postgres(self) -> bool:

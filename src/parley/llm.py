@@ -30,6 +30,7 @@ import psutil
 from langchain_openai import ChatOpenAI
 
 from parley.config import Settings
+from parley.redaction import keep_secret, redact
 
 logger = logging.getLogger("parley.llm")
 
@@ -182,6 +183,7 @@ def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpen
     ``open_chat_model``).
     """
     api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    keep_secret(api_key)  # kept out of error texts (describe) and the log
     model = ChatOpenAI(
         model=settings.model_name,
         # Local OpenAI-compatible servers accept any key, but the client insists on one.
@@ -263,7 +265,11 @@ def pause_before_retry(error: BaseException, interval: float) -> float:
 
 
 def describe(error: BaseException) -> str:
-    """A one-line account of a provider failure, without secrets or stack traces."""
+    """A one-line account of a provider failure, without secrets or stack traces.
+
+    A provider's own explanation is passed on, with the API key (and anything shaped like
+    one) removed: some providers echo the request's credentials in their errors.
+    """
     if isinstance(error, MalformedReply):
         return "The model provider's answer was not a chat completion."
     if isinstance(error, openai.APITimeoutError):
@@ -280,12 +286,13 @@ def describe(error: BaseException) -> str:
         text = f"The model provider answered with an error (HTTP {error.status_code})"
         if error.status_code < 500 and isinstance(error.body, dict):
             # A provider's explanation of a refused request (too long for the model's
-            # context, say) helps the user; it carries nothing of Parley's secrets.
+            # context, say) helps the user, once any key echoed in it is removed (before
+            # it is cut short, so that no part of a key is left).
             detail = error.body.get("message") or error.body.get("error")
             if isinstance(detail, dict):
                 detail = detail.get("message")
             if isinstance(detail, str) and detail.strip():
-                return f"{text}: {detail.strip()[:200]}"
+                return f"{text}: {redact(detail.strip())[:200]}"
         return text + "."
     return "The model provider failed."
 

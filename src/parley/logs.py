@@ -12,6 +12,7 @@ import sys
 from datetime import UTC, datetime
 
 from parley.config import Settings
+from parley.redaction import keep_secret, redact
 
 
 def current_turn() -> str | None:
@@ -41,6 +42,18 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{turn}]" if turn else line
 
 
+class Redacting(logging.Formatter):
+    """Another formatter's lines, with the API key and key-shaped text removed (errors
+    that echo a provider's answer can carry them; see ``parley.redaction``)."""
+
+    def __init__(self, formatter: logging.Formatter) -> None:
+        super().__init__()
+        self.formatter = formatter
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.formatter.format(record))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -58,8 +71,12 @@ class JsonFormatter(logging.Formatter):
 
 def setup(settings: Settings) -> None:
     """Send every logger's records (Parley's, uvicorn's, DBOS's) to stderr, one format."""
+    if settings.openai_api_key is not None:
+        keep_secret(settings.openai_api_key.get_secret_value())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    handler.setFormatter(
+        Redacting(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    )
     handler.addFilter(TurnIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from parley.config import Settings
 
@@ -82,6 +82,40 @@ messages = sa.Table(
     ),
 )
 
+# Which turn an Idempotency-Key named. It goes with its conversation, so a key used in a
+# deleted conversation names nothing afterwards (and can never bring its reply back).
+turn_keys = sa.Table(
+    "turn_keys",
+    metadata,
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("turn_id", sa.String(128), nullable=False),
+    sa.Column(
+        "conversation_id",
+        sa.String(36),
+        sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.PrimaryKeyConstraint("owner", "key_hash"),
+    sa.Index("ix_turn_keys_conversation", "conversation_id"),
+)
+
+# What a deletion still has to remove outside these tables (the model's memory, DBOS's
+# records of the turns), written by the deleting transaction: see ``parley.deletion``.
+deleted_conversations = sa.Table(
+    "deleted_conversations",
+    metadata,
+    sa.Column("conversation_id", sa.String(36), primary_key=True),
+    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=False),
+)
+deleted_turns = sa.Table(
+    "deleted_turns",
+    metadata,
+    sa.Column("turn_id", sa.String(128), primary_key=True),
+    sa.Column("conversation_id", sa.String(36), nullable=False),
+    sa.Index("ix_deleted_turns_conversation", "conversation_id"),
+)
+
 _SEED_NAMESPACE = uuid.UUID("5b0d5f5e-3f0c-4d8e-9a51-6a2f0c7d2e11")
 
 
@@ -122,11 +156,30 @@ class ConversationNotFound(Exception):
 
 
 class ConversationBusy(Exception):
-    """A reply is still being written in the conversation."""
+    """A reply is still being written in the conversation (begun at ``since``)."""
 
-    def __init__(self, turn_id: str) -> None:
+    def __init__(self, turn_id: str, since: datetime | None) -> None:
         super().__init__(turn_id)
         self.turn_id = turn_id
+        self.since = since
+
+
+class KeyTaken(Exception):
+    """Another request took this idempotency key first: look its turn up again."""
+
+
+class TooManyTurns(Exception):
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class TurnLimits:
+    """Accounts mode: how many turns a user may start a minute and have running at once."""
+
+    per_minute: int
+    at_once: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +323,23 @@ class _TurnStatements:
             .where(conversations.c.id == reply_conversation.scalar_subquery())
             .values(updated_at=sa.bindparam("b_now"))
         )
+        self.reply = sa.select(messages).where(reply)
+        self.insert_key = (
+            insert(turn_keys)
+            .values(
+                owner=sa.bindparam("b_owner"),
+                key_hash=sa.bindparam("b_key"),
+                turn_id=turn,
+                conversation_id=sa.bindparam("b_id"),
+            )
+            .on_conflict_do_nothing(index_elements=["owner", "key_hash"])
+            .returning(turn_keys.c.turn_id)
+        )
+        # Only a reply still being written is finished: one that was failed as an orphan,
+        # or finished by an earlier run of the step, stays as it is.
         self.finish_reply = (
             messages.update()
-            .where(reply)
+            .where(reply, messages.c.status == "streaming")
             .values(
                 content=sa.bindparam("b_content"),
                 status=sa.bindparam("b_status"),
@@ -280,21 +347,31 @@ class _TurnStatements:
             )
             .returning(*messages.c)
         )
-        # A turn, by its id: who owns it, what was asked, how its reply stands.
+        # A turn, by its id or by the idempotency key that named it: who owns it, what
+        # was asked, how its reply stands.
         user = messages.alias("user_message")
         answer = messages.alias("reply")
-        self.turn = (
-            sa.select(
-                user.c.conversation_id, user.c.content, conversations.c.owner, answer.c.status
+        a_turn = sa.select(
+            user.c.turn_id,
+            user.c.conversation_id,
+            user.c.content,
+            conversations.c.owner,
+            answer.c.status,
+        ).select_from(
+            user.join(conversations, conversations.c.id == user.c.conversation_id).join(
+                answer,
+                sa.and_(answer.c.turn_id == user.c.turn_id, answer.c.role == "assistant"),
             )
-            .select_from(
-                user.join(conversations, conversations.c.id == user.c.conversation_id).join(
-                    answer,
-                    sa.and_(answer.c.turn_id == user.c.turn_id, answer.c.role == "assistant"),
-                )
-            )
-            .where(user.c.turn_id == turn, user.c.role == "user")
         )
+        self.turn = a_turn.where(user.c.turn_id == turn, user.c.role == "user")
+        self.keyed_turn = a_turn.join(
+            turn_keys,
+            sa.and_(
+                turn_keys.c.turn_id == user.c.turn_id,
+                turn_keys.c.owner == sa.bindparam("b_owner"),
+                turn_keys.c.key_hash == sa.bindparam("b_key"),
+            ),
+        ).where(user.c.role == "user")
 
 
 class Store:
@@ -352,16 +429,32 @@ class Store:
         return Conversation(conversation_id, title or DEFAULT_TITLE, now, now)
 
     async def conversations(
-        self, owner: str, *, limit: int, before: datetime | None = None
+        self,
+        owner: str,
+        *,
+        limit: int,
+        before: datetime | None = None,
+        before_id: str | None = None,
     ) -> list[Conversation]:
-        """The owner's conversations, the most recently active first."""
+        """The owner's conversations, the most recently active first.
+
+        A page continues from the last one of the page before: ``before`` its time and
+        ``before_id`` its id, since several conversations can share one time.
+        """
         query = (
             sa.select(conversations)
             .where(conversations.c.owner == owner)
             .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
             .limit(limit)
         )
-        if before is not None:
+        if before is not None and before_id is not None:
+            query = query.where(
+                sa.or_(
+                    conversations.c.updated_at < before,
+                    sa.and_(conversations.c.updated_at == before, conversations.c.id < before_id),
+                )
+            )
+        elif before is not None:
             query = query.where(conversations.c.updated_at < before)
         async with self.engine.connect() as conn:
             return [_conversation(row) for row in await conn.execute(query)]
@@ -386,37 +479,22 @@ class Store:
         if result.rowcount == 0:
             raise ConversationNotFound(conversation_id)
 
-    async def turn_counts(self, owner: str, since: datetime) -> tuple[int, int]:
-        """How many turns ``owner`` started since ``since``, and how many still run."""
-        joined = messages.join(conversations, conversations.c.id == messages.c.conversation_id)
-        query = (
-            sa.select(
-                sa.func.count().filter(messages.c.role == "user", messages.c.created_at >= since),
-                sa.func.count().filter(messages.c.status == "streaming"),
-            )
-            .select_from(joined)
-            .where(
-                conversations.c.owner == owner,
-                sa.or_(messages.c.created_at >= since, messages.c.status == "streaming"),
-            )
-        )
-        async with self.engine.connect() as conn:
-            recent, running = (await conn.execute(query)).one()
-        return int(recent), int(running)
-
-    async def conversation_ids(self, owner: str) -> list[str]:
-        query = sa.select(conversations.c.id).where(conversations.c.owner == owner)
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(query)).scalars())
-
-    async def streaming_turns(self, conversation_id: str) -> list[str]:
-        query = sa.select(messages.c.turn_id).where(
+    async def streaming_turns(self, conversation_id: str) -> list[tuple[str, datetime]]:
+        """The turns whose replies are being written in a conversation, with when each
+        began."""
+        query = sa.select(messages.c.turn_id, messages.c.created_at).where(
             messages.c.conversation_id == conversation_id, messages.c.status == "streaming"
         )
         async with self.engine.connect() as conn:
-            return list((await conn.execute(query)).scalars())
+            return [(turn_id, _aware(at)) for turn_id, at in await conn.execute(query)]
 
-    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+    async def delete_conversation(self, owner: str, conversation_id: str) -> list[str]:
+        """Delete a conversation of ``owner``; the turns whose replies were still being
+        written in it (they stop: their rows are gone).
+
+        What lies outside these tables is written down in the same transaction, for
+        ``parley.deletion`` to remove.
+        """
         async with self.engine.begin() as conn:
             # Locked first, as everywhere, so the deletion cannot deadlock with a turn.
             owned = await conn.execute(
@@ -426,19 +504,32 @@ class Store:
             )
             if owned.one_or_none() is None:
                 raise ConversationNotFound(conversation_id)
-            # Stop any reply still being written before its rows go.
+            return await delete_conversations(conn, conversations.c.id == conversation_id)
+
+    async def deletions(self, limit: int) -> list[str]:
+        """Deleted conversations whose memory and turns are still to be removed."""
+        query = sa.select(deleted_conversations.c.conversation_id).limit(limit)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def deleted_turns(self, conversation_id: str) -> list[str]:
+        query = sa.select(deleted_turns.c.turn_id).where(
+            deleted_turns.c.conversation_id == conversation_id
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def forget_deletion(self, conversation_id: str) -> None:
+        """Everything of a deleted conversation is gone: drop its to-do rows."""
+        async with self.engine.begin() as conn:
             await conn.execute(
-                messages.update()
-                .where(
-                    messages.c.conversation_id == conversation_id,
-                    messages.c.status == "streaming",
+                deleted_turns.delete().where(deleted_turns.c.conversation_id == conversation_id)
+            )
+            await conn.execute(
+                deleted_conversations.delete().where(
+                    deleted_conversations.c.conversation_id == conversation_id
                 )
-                .values(stop_requested=True)
             )
-            await conn.execute(
-                messages.delete().where(messages.c.conversation_id == conversation_id)
-            )
-            await conn.execute(conversations.delete().where(conversations.c.id == conversation_id))
 
     # --- Messages --------------------------------------------------------------------
 
@@ -450,14 +541,19 @@ class Store:
         turn_id: str,
         content: str,
         create_conversation: bool = False,
+        key_hash: str | None = None,
+        limits: TurnLimits | None = None,
     ) -> bool:
-        """Store a turn's user message and an empty reply being written, in one transaction.
+        """Store a turn's user message and an empty reply being written, in one transaction,
+        with the idempotency key that names the turn, if any; whether the turn is new
+        (beginning one that exists changes nothing).
 
-        Idempotent on the turn id: beginning a turn that exists changes nothing (and
-        returns False; True when the turn is new). Raises
-        ``ConversationNotFound`` if the conversation is not the owner's (or, unless
-        ``create_conversation``, does not exist) and ``ConversationBusy`` if another
-        reply is still being written in it.
+        Raises ``TooManyTurns`` beyond ``limits``; ``ConversationNotFound`` if the
+        conversation is not the owner's (or, unless ``create_conversation``, does not
+        exist); ``KeyTaken`` if another request stored a turn under the same key first;
+        ``ConversationBusy`` if another reply is still being written in it. Each check
+        and the writes it guards are one transaction, so parallel requests cannot all
+        pass a check that only some of them may.
         """
         now = datetime.now(UTC)
         sql = self._turn_sql
@@ -472,17 +568,22 @@ class Store:
             | {"conversation_id": conversation_id, "turn_id": turn_id, "created_at": now}
             for role, text, state in (("user", content, "complete"), ("assistant", "", "streaming"))
         ]
-        # Two statements, not four: this runs on every turn, and each is a round trip.
         try:
             async with self.engine.begin() as conn:
+                if limits is not None:
+                    await _check_limits(conn, owner, limits)
                 claim = sql.claim_new if create_conversation else sql.claim
                 if (await conn.execute(claim, values)).rowcount == 0:
                     raise ConversationNotFound(conversation_id)
+                if key_hash is not None:
+                    keyed = {**values, "b_key": key_hash, "b_turn": turn_id}
+                    if (await conn.execute(sql.insert_key, keyed)).first() is None:
+                        raise KeyTaken(key_hash)
                 inserted = (await conn.execute(sql.insert_pair, pair)).all()
         except sa.exc.IntegrityError:
             # Only the one-reply-in-progress index can object: turn ids are handled above.
             busy = await self.streaming_turns(conversation_id)
-            raise ConversationBusy(busy[0] if busy else "") from None
+            raise (ConversationBusy(*busy[0]) if busy else ConversationBusy("", None)) from None
         # Both rows or neither: they are written together.
         return len(inserted) > 0
 
@@ -551,6 +652,8 @@ class Store:
             # in, so that the two cannot deadlock on PostgreSQL.
             await conn.execute(sql.touch_for_reply, values)
             row = (await conn.execute(sql.finish_reply, values)).one_or_none()
+            if row is None:  # finished before (a re-run step), failed as an orphan, or gone
+                row = (await conn.execute(sql.reply, values)).one_or_none()
             return None if row is None else _message(row)
 
     async def message(self, turn_id: str, role: Role) -> Message | None:
@@ -598,11 +701,85 @@ class Store:
         )
 
     async def turn(self, turn_id: str) -> Turn | None:
+        return await self._turn(self._turn_sql.turn, {"b_turn": turn_id})
+
+    async def keyed_turn(self, owner: str, key_hash: str) -> Turn | None:
+        """The turn an idempotency key of ``owner`` named, if its conversation exists."""
+        return await self._turn(self._turn_sql.keyed_turn, {"b_owner": owner, "b_key": key_hash})
+
+    async def _turn(self, query: sa.Select[Any], values: dict[str, str]) -> Turn | None:
         async with self.engine.connect() as conn:
-            row = (await conn.execute(self._turn_sql.turn, {"b_turn": turn_id})).one_or_none()
+            row = (await conn.execute(query, values)).one_or_none()
         if row is None:
             return None
-        return Turn(turn_id, row.conversation_id, row.owner, row.content, row.status)
+        return Turn(row.turn_id, row.conversation_id, row.owner, row.content, row.status)
+
+
+async def _check_limits(conn: AsyncConnection, owner: str, limits: TurnLimits) -> None:
+    """Refuse a turn beyond the owner's limits, inside the transaction that stores it.
+
+    The rate limiter's row lock comes first: it serialises the owner's turns, so that the
+    count of replies being written that follows it is exact.
+    """
+    from parley.limits import Limited, take
+
+    try:
+        await take(conn, f"turns:{owner}", limits.per_minute, 60)
+    except Limited as refusal:
+        raise TooManyTurns(
+            f"At most {limits.per_minute} messages a minute.", refusal.retry_after
+        ) from None
+    running = await conn.scalar(
+        sa.select(sa.func.count())
+        .select_from(messages.join(conversations, conversations.c.id == messages.c.conversation_id))
+        .where(conversations.c.owner == owner, messages.c.status == "streaming")
+    )
+    if (running or 0) >= limits.at_once:
+        raise TooManyTurns(f"At most {limits.at_once} replies may be written for you at once.", 5)
+
+
+async def delete_conversations(conn: AsyncConnection, which: sa.ColumnElement[bool]) -> list[str]:
+    """Delete the conversations ``which`` selects, in the caller's transaction; the turns
+    whose replies were still being written in them.
+
+    What they leave outside these tables (the model's memory, DBOS's records of their
+    turns) is written down in the same transaction, for ``parley.deletion`` to remove:
+    all or nothing, also across a crash.
+    """
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    chosen = sa.select(conversations.c.id).where(which)
+    of_chosen = messages.c.conversation_id.in_(chosen)
+    await conn.execute(
+        insert(deleted_turns)
+        .from_select(
+            ["turn_id", "conversation_id"],
+            sa.select(messages.c.turn_id, messages.c.conversation_id).where(
+                of_chosen, messages.c.role == "user"
+            ),
+        )
+        .on_conflict_do_nothing()
+    )
+    await conn.execute(
+        insert(deleted_conversations)
+        .from_select(
+            ["conversation_id", "deleted_at"],
+            sa.select(
+                conversations.c.id, sa.literal(datetime.now(UTC), sa.DateTime(timezone=True))
+            ).where(which),
+        )
+        .on_conflict_do_nothing()
+    )
+    streaming = list(
+        (
+            await conn.execute(
+                sa.select(messages.c.turn_id).where(of_chosen, messages.c.status == "streaming")
+            )
+        ).scalars()
+    )
+    await conn.execute(turn_keys.delete().where(turn_keys.c.conversation_id.in_(chosen)))
+    await conn.execute(messages.delete().where(of_chosen))
+    await conn.execute(conversations.delete().where(which))
+    return streaming
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -613,6 +790,8 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    # Deleted rows are overwritten, not left in the file's free pages: delete means gone.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

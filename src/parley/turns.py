@@ -5,13 +5,18 @@
                write the stream's end event
 
 The request stores the user's message before the workflow starts, in the same transaction
-that claims the conversation for this turn, so a turn the client was told about always
-has its message. After a crash DBOS runs the workflow again under the same id: a finished
-step returns its recorded result instead of running, and an unfinished one runs again.
-Running again is harmless: the graph's checkpoint holds the model's reply from the moment
-the model finished, so the model is not asked twice, and the store's writes are
-idempotent on the turn id. The reply is stored in the model's step rather than a step of
-its own because each recorded step costs DBOS a check and a write, a tenth of a turn.
+that claims the conversation for this turn (and checks the user's limits), so a turn the
+client was told about always has its message. After a crash DBOS runs the workflow again
+under the same id: a finished step returns its recorded result instead of running, and an
+unfinished one runs again. Running again is harmless: the graph's checkpoint holds the
+model's reply from the moment the model finished, so the model is not asked twice, and
+the store's writes are idempotent on the turn id. The reply is stored in the model's step
+rather than a step of its own because each recorded step costs DBOS a check and a write.
+
+No chat text goes into DBOS's workflow records: the workflow's inputs are the
+conversation's id, its output and its step's output a status. The text is read from
+Parley's tables, where deleting a conversation deletes it (the reply's pieces in the
+turn's DBOS stream go with the turn's DBOS records: ``parley.deletion``).
 
 A streaming turn also writes its reply, piece by piece, to its event stream
 (``parley.streams``), from which any process can serve it.
@@ -21,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from dbos import DBOS, SetWorkflowID, StepOptions, WorkflowHandleAsync
@@ -34,7 +40,15 @@ from dbos import error as dbos_errors
 from parley import llm, streams
 from parley.config import Settings
 from parley.memory import Memory
-from parley.store import ConversationBusy, Message, Store, is_transient
+from parley.store import (
+    ConversationBusy,
+    ConversationNotFound,
+    KeyTaken,
+    Message,
+    Store,
+    TurnLimits,
+    is_transient,
+)
 from parley.usage import UsageMeter
 
 logger = logging.getLogger("parley.turns")
@@ -84,29 +98,45 @@ def services() -> Services:
     return _services
 
 
-_TURN_NAMESPACE = uuid.UUID("0f6c2a8e-9d41-4b1b-8f3e-5e7d2c9a4b60")
+# The version of the turn workflow's shape (its inputs and its steps), recorded by DBOS
+# with every workflow: DBOS resumes after a crash only the workflows of the version it
+# runs. Releases that keep the shape keep the number, so their turns resume across an
+# upgrade; a change to the shape bumps it, and turns of another version are ended
+# cleanly at start (``end_turns_of_other_versions``) rather than left pending for ever.
+TURN_WORKFLOW_VERSION = "turns-2"
 
 
-def new_turn_id(owner: str, idempotency_key: str | None = None) -> str:
-    """The workflow id of a turn: random, or derived from the caller's idempotency key.
-
-    The key is scoped to its owner, so two users choosing the same key get two turns.
-    """
-    if idempotency_key is None:
-        return f"turn-{uuid.uuid4()}"
-    return f"turn-{uuid.uuid5(_TURN_NAMESPACE, owner + chr(0) + idempotency_key)}"
+def new_turn_id() -> str:
+    """A turn's workflow id: random, so no later turn can ever be taken for it."""
+    return f"turn-{uuid.uuid4()}"
 
 
-async def answer(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
+def key_hash(idempotency_key: str) -> str:
+    return hashlib.sha256(idempotency_key.encode()).hexdigest()
+
+
+# The user's message of each turn this process has just started, so that its workflow
+# need not read it back; a recovered workflow reads it from the store.
+_texts: dict[str, str] = {}
+
+
+async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
     """The turn's step (run by ``chat_turn`` with retry options from the settings): the
     model's reply, stored, and for a streaming turn the stream's end event written; the
-    reply's ``text`` and ``status``."""
-    outcome = await ask_model(conversation_id, turn_id, text, stream)
+    reply's status."""
+    text = _texts.get(turn_id)
+    if text is None:
+        asked = await services().store.message(turn_id, "user")
+        text = asked.content if asked is not None else None
+    if text is None:
+        # The conversation was deleted before the model was asked: nothing to answer.
+        outcome: dict[str, Any] = {"text": "", "stopped": True, "tail": None}
+    else:
+        outcome = await ask_model(conversation_id, turn_id, text, stream)
     status = "stopped" if outcome["stopped"] else "complete"
-    await store_reply(
+    return await store_reply(
         conversation_id, turn_id, outcome["text"], status, stream=stream, tail=outcome["tail"]
     )
-    return {"text": outcome["text"], "status": status}
 
 
 async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
@@ -190,11 +220,13 @@ async def store_reply(
     error: str | None = None,
     stream: bool = False,
     tail: dict[str, Any] | None = None,
-) -> None:
-    """Store the final reply and, for a streaming turn, write the stream's end event.
+) -> str:
+    """Store the final reply and, for a streaming turn, write the stream's end event; the
+    reply's status as stored (``gone`` when its conversation was deleted).
 
-    Run again after a crash, the end event may be written twice; readers stop at the
-    first, and both are the same.
+    A reply that was already finished (by an earlier run of the step, or failed as an
+    orphan) stays as it was, and the end event says so. Run again after a crash, the end
+    event may be written twice; readers stop at the first, and both are the same.
     """
     parts = services()
     message = await parts.store.finish_reply(
@@ -205,17 +237,19 @@ async def store_reply(
     )
     if message is None:
         # Deleted while the model was writing: the graph may have written its memory
-        # after the deletion did; forget it again.
+        # after the deletion did; forget it again. Its text goes nowhere else.
         await parts.memory.delete(conversation_id)
-    if not stream:
-        return
-    end = streams.terminal_id(message.epochs if message else 0)
-    if status == "failed":
-        event = streams.Event(end, "error", {"detail": error})
-    else:
-        kind = "done" if status == "complete" else "stopped"
-        event = streams.Event(end, kind, {"message": message_json(message) if message else None})
-    await streams.finish(turn_id, event, tail)
+        tail = None
+    if stream:
+        end = streams.terminal_id(message.epochs if message else 0)
+        if message is not None and message.status == "failed":
+            event = streams.Event(end, "error", {"detail": message.error})
+        else:
+            kind = "done" if message is not None and message.status == "complete" else "stopped"
+            body = message_json(message) if message else None
+            event = streams.Event(end, kind, {"message": body})
+        await streams.finish(turn_id, event, tail)
+    return message.status if message is not None else "gone"
 
 
 @DBOS.step(**_DATABASE_RETRIES)
@@ -226,8 +260,8 @@ async def fail_turn(conversation_id: str, turn_id: str, error: str, stream: bool
 
 
 @DBOS.workflow()
-async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, Any]:
-    """One turn; its outcome: ``{"status", "text", "error"}``."""
+async def chat_turn(conversation_id: str, stream: bool) -> dict[str, Any]:
+    """One turn; its outcome: ``{"status", "error"}`` (the reply is in the store)."""
     turn_id = DBOS.workflow_id
     assert turn_id is not None
     started = time.monotonic()
@@ -235,13 +269,8 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
     _idle.clear()
     try:
         try:
-            outcome = await DBOS.run_step_async(
-                _answer_options(services().settings),
-                answer,
-                conversation_id,
-                turn_id,
-                text,
-                stream,
+            status = await DBOS.run_step_async(
+                _answer_options(services().settings), answer, conversation_id, turn_id, stream
             )
         except (dbos_errors.DBOSMaxStepRetriesExceeded, *llm.PROVIDER_ERRORS) as error:
             if isinstance(error, dbos_errors.DBOSMaxStepRetriesExceeded) and error.errors:
@@ -254,10 +283,11 @@ async def chat_turn(conversation_id: str, text: str, stream: bool) -> dict[str, 
             logger.warning("the turn failed: %s", detail)
             await fail_turn(conversation_id, turn_id, detail, stream)
             # A failed turn is an outcome, not a crash of the workflow.
-            return {"status": "failed", "text": "", "error": detail}
-        logger.info("turn %s in %.2f s", outcome["status"], time.monotonic() - started)
-        return {"status": outcome["status"], "text": outcome["text"], "error": None}
+            return {"status": "failed", "error": detail}
+        logger.info("turn %s in %.2f s", status, time.monotonic() - started)
+        return {"status": status, "error": None}
     finally:
+        _texts.pop(turn_id, None)
         _running.discard(turn_id)
         if not _running:
             _idle.set()
@@ -279,84 +309,183 @@ def message_json(message: Message) -> dict[str, Any]:
     }
 
 
-class TooManyTurns(Exception):
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+# A reply "streaming" with no workflow behind it is taken for an orphan (its request died
+# between storing it and starting the workflow) only when it is at least this old: a
+# turn that another request has just begun has no workflow yet for a few milliseconds.
+ORPHAN_AFTER_SECONDS = 30.0
+
+# The turns this process is between storing and starting.
+_starting: set[str] = set()
 
 
-async def check_turn_limits(owner: str) -> None:
-    """Accounts mode: refuse a turn beyond the user's rate or concurrency limit."""
-    settings = services().settings
-    if settings.auth != "accounts":
-        return
-    since = datetime.now(UTC) - timedelta(minutes=1)
-    recent, running = await services().store.turn_counts(owner, since)
-    if running >= settings.concurrent_turns:
-        raise TooManyTurns(
-            f"At most {settings.concurrent_turns} replies may be written for you at once.", 5
-        )
-    if recent >= settings.turns_per_minute:
-        raise TooManyTurns(f"At most {settings.turns_per_minute} messages a minute.", 60)
+class KeyReused(Exception):
+    """The idempotency key named a turn with another message or in another conversation."""
 
 
 async def start_turn(
     owner: str,
     conversation_id: str,
     text: str,
-    turn_id: str,
     *,
+    idempotency_key: str | None,
     stream: bool,
     create_conversation: bool = False,
     wait_if_busy: bool = False,
-) -> WorkflowHandleAsync[dict[str, Any]]:
-    """Store the user's message and start (or join, when ``turn_id`` exists) its workflow.
+    limits: TurnLimits | None = None,
+) -> tuple[str, WorkflowHandleAsync[dict[str, Any]] | None]:
+    """Store the user's message and start its workflow; the turn's id, and the handle of
+    its workflow unless the turn had already ended.
 
-    Raises ``ConversationNotFound``, or ``ConversationBusy`` while another reply is being
+    With an idempotency key that already names a turn of ``owner``, that turn (started
+    again if its request died before it could start it) instead. Raises ``KeyReused``,
+    ``TooManyTurns`` (beyond ``limits``; a turn that already exists is not counted),
+    ``ConversationNotFound``, or ``ConversationBusy`` while another reply is being
     written in the conversation (unless ``wait_if_busy``, which waits for it instead).
     """
-    store = services().store
-    deadline = time.monotonic() + services().settings.llm_timeout * services().settings.llm_attempts
+    parts = services()
+    store = parts.store
+    hashed = key_hash(idempotency_key) if idempotency_key is not None else None
+    deadline = time.monotonic() + parts.settings.llm_timeout * parts.settings.llm_attempts
     while True:
+        if hashed is not None and (earlier := await store.keyed_turn(owner, hashed)):
+            if earlier.text != text or earlier.conversation_id != conversation_id:
+                raise KeyReused(earlier.turn_id)
+            if earlier.reply_status != "streaming":
+                return earlier.turn_id, None
+            return earlier.turn_id, await _start_workflow(
+                earlier.turn_id, conversation_id, text, stream, new=False
+            )
+        turn_id = new_turn_id()
         try:
-            created = await store.begin_turn(
+            await store.begin_turn(
                 owner=owner,
                 conversation_id=conversation_id,
                 turn_id=turn_id,
                 content=text,
                 create_conversation=create_conversation,
+                key_hash=hashed,
+                limits=limits,
             )
-            break
+        except KeyTaken:
+            continue  # a request with the same key got there first: join its turn
         except ConversationBusy as busy:
-            status = await DBOS.get_workflow_status_async(busy.turn_id) if busy.turn_id else None
-            if status is None or status.status not in ("PENDING", "ENQUEUED"):
-                # Stored by a request that died before it could start the workflow, or
-                # left by a workflow that ended abnormally: no reply will ever come, so
-                # the conversation is not really busy.
+            if await _is_orphan(busy):
                 await store.fail_orphan(busy.turn_id, "The turn was interrupted.")
                 continue
             if not wait_if_busy or time.monotonic() > deadline:
                 raise
             with contextlib.suppress(Exception):  # its failure is its own client's news
                 await (await DBOS.retrieve_workflow_async(busy.turn_id)).get_result()
-    if stream and created:
-        streams.expect(turn_id)
-    with SetWorkflowID(turn_id):
-        return await DBOS.start_workflow_async(chat_turn, conversation_id, text, stream)
+            continue
+        return turn_id, await _start_workflow(turn_id, conversation_id, text, stream, new=True)
 
 
-async def run_turn(owner: str, conversation_id: str, text: str, turn_id: str) -> str:
-    """The example's turn: run (or join) it and wait for its reply."""
-    handle = await start_turn(
+async def _is_orphan(busy: ConversationBusy) -> bool:
+    """Whether the reply in the way will never be written: its request died before it
+    started the workflow, or its workflow ended without writing it."""
+    if not busy.turn_id:
+        return False  # it ended between the refusal and the look: just try again
+    if busy.turn_id in _starting:
+        return False
+    status = await DBOS.get_workflow_status_async(busy.turn_id)
+    if status is not None:
+        return status.status not in ("PENDING", "ENQUEUED")
+    age = (datetime.now(UTC) - busy.since).total_seconds() if busy.since else 0.0
+    return age > ORPHAN_AFTER_SECONDS
+
+
+async def _start_workflow(
+    turn_id: str, conversation_id: str, text: str, stream: bool, *, new: bool
+) -> WorkflowHandleAsync[dict[str, Any]]:
+    """Start a stored turn's workflow (or join it, if it exists).
+
+    If it cannot be started, its readers here are told, and its reply is failed rather
+    than left "being written" for ever.
+    """
+    if new:
+        _texts[turn_id] = text  # a workflow that exists already runs, or ran, elsewhere
+        if stream:
+            streams.expect(turn_id)
+    _starting.add(turn_id)
+    try:
+        with SetWorkflowID(turn_id):
+            return await DBOS.start_workflow_async(chat_turn, conversation_id, stream)
+    except BaseException:
+        _texts.pop(turn_id, None)
+        streams.abandon(turn_id)
+        with contextlib.suppress(Exception):  # the database may be what failed
+            await services().store.fail_orphan(turn_id, "The turn could not be started.")
+        raise
+    finally:
+        _starting.discard(turn_id)
+
+
+async def run_turn(
+    owner: str,
+    conversation_id: str,
+    text: str,
+    *,
+    idempotency_key: str | None,
+    limits: TurnLimits | None = None,
+) -> str:
+    """The example's turn: run (or join) it and wait for its reply.
+
+    Raises ``TurnFailed`` when the model could not answer, ``ConversationNotFound`` when
+    the conversation was deleted before the reply was stored.
+    """
+    turn_id, handle = await start_turn(
         owner,
         conversation_id,
         text,
-        turn_id,
+        idempotency_key=idempotency_key,
         stream=False,
         create_conversation=True,
         wait_if_busy=True,
+        limits=limits,
     )
-    outcome = await handle.get_result()
-    if outcome["status"] == "failed":
-        raise TurnFailed(outcome["error"])
-    return str(outcome["text"])
+    if handle is not None:
+        await handle.get_result()
+    reply = await services().store.message(turn_id, "assistant")
+    if reply is None:
+        raise ConversationNotFound(conversation_id)
+    if reply.status == "failed":
+        raise TurnFailed(reply.error or "The turn failed.")
+    return reply.content
+
+
+async def end_turns_of_other_versions(executor_id: str) -> int:
+    """End the turns this executor left unfinished under another turn workflow version.
+
+    DBOS resumes only the workflows of the version it runs, so after an upgrade that
+    changed the workflow's shape, a turn the old version was writing when it stopped
+    would stay "being written" for ever: its conversation busy, its readers waiting.
+    Each is cancelled and its reply failed with a sentence that says why; the model's
+    memory forgets the unanswered message. Returns how many there were.
+    """
+    parts = services()
+    pending = await DBOS.list_workflows_async(
+        status=["PENDING", "ENQUEUED"],
+        executor_id=executor_id,
+        workflow_id_prefix="turn-",
+        load_input=False,
+        load_output=False,
+    )
+    stale = [w.workflow_id for w in pending if w.app_version != TURN_WORKFLOW_VERSION]
+    for turn_id in stale:
+        await DBOS.cancel_workflow_async(turn_id)
+        turn = await parts.store.turn(turn_id)
+        if turn is not None:
+            await parts.memory.forget(turn.conversation_id, turn_id)
+        await parts.store.fail_orphan(
+            turn_id, "Parley was upgraded while this reply was being written; send it again."
+        )
+    if stale:
+        logger.warning("ended %d turns left unfinished by another version of Parley", len(stale))
+    return len(stale)
+
+
+def limits(settings: Settings) -> TurnLimits | None:
+    """The per-user turn limits: accounts mode only (open mode has no users to limit)."""
+    if settings.auth != "accounts":
+        return None
+    return TurnLimits(per_minute=settings.turns_per_minute, at_once=settings.concurrent_turns)

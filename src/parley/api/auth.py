@@ -6,20 +6,45 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Cookie, Depends, HTTPException, Request, Response, status
+from fastapi import Path as FastPath
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from parley import streams, turns
-from parley.accounts import CSRF_COOKIE, SESSION_COOKIE, Account, NewSession, UsernameTaken
+from parley import deletion, turns
+from parley.accounts import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    Account,
+    HashingBusy,
+    NewSession,
+    SignUpClosed,
+    UsernameTaken,
+)
+from parley.api.conversations import DELETE_WAIT_SECONDS
 from parley.api.identity import SessionUser, accounts_of
-from parley.api.validation import Username
+from parley.api.validation import (
+    MAX_ID,
+    USERNAME_MAX_CHARS,
+    SignInName,
+    StorableText,
+    Username,
+    ValidUnicode,
+)
+from parley.limits import Limited
 
 router = APIRouter(prefix="/api/auth", tags=["accounts"])
 
 
 class Credentials(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    username: Username
-    password: StrictStr = Field(min_length=8, max_length=256, description="8-256 characters.")
+    username: Annotated[Username, StorableText]
+    password: Annotated[StrictStr, ValidUnicode] = Field(
+        min_length=8, max_length=256, description="8-256 characters."
+    )
+
+
+class SignIn(Credentials):
+    # Any name an account has, also one made before today's name rules.
+    username: Annotated[SignInName, StorableText]  # type: ignore[assignment]
 
 
 class Me(BaseModel):
@@ -32,6 +57,33 @@ def _accounts_mode(request: Request) -> None:
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, detail="Accounts are off (PARLEY_AUTH=open)."
         )
+
+
+def _address(request: Request) -> str:
+    """The client's address (behind a proxy, the one it forwards: see the README)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _too_many(limited: Limited, detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        detail=detail,
+        headers={"Retry-After": limited.retry_after_header},
+    )
+
+
+def _busy() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail="Too many passwords are being checked at once; try again in a moment.",
+        headers={"Retry-After": str(HashingBusy.retry_after)},
+    )
+
+
+_REFUSALS: dict[int | str, dict[str, str]] = {
+    429: {"description": "Too many attempts: see Retry-After."},
+    503: {"description": "Too many passwords being checked at once: see Retry-After."},
+}
 
 
 def _set_session(request: Request, response: Response, session: NewSession) -> None:
@@ -50,39 +102,51 @@ def _set_session(request: Request, response: Response, session: NewSession) -> N
     )
 
 
-@router.post("/signup", response_model=Me, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/signup",
+    response_model=Me,
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        403: {"description": "Sign-up is closed."},
+        409: {"description": "The name is taken (in any case or Unicode spelling)."},
+        **_REFUSALS,
+    },
+)
 async def sign_up(body: Credentials, request: Request, response: Response) -> Me:
     """Create an account and sign in. The first account is an admin."""
     _accounts_mode(request)
     accounts = accounts_of(request)
-    closed = not request.app.state.settings.signup or not await accounts.signup_open()
-    if closed and await accounts.any_users():
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="Sign-up is closed.")
     try:
-        user = await accounts.sign_up(body.username, body.password)
+        user = await accounts.sign_up(
+            body.username,
+            body.password,
+            address=_address(request),
+            signup_enabled=request.app.state.settings.signup,
+        )
+    except SignUpClosed:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="Sign-up is closed.") from None
     except UsernameTaken:
         raise HTTPException(status.HTTP_409_CONFLICT, detail="That name is taken.") from None
+    except Limited as limited:
+        raise _too_many(limited, "Too many sign-ups from your address; wait a while.") from None
+    except HashingBusy:
+        raise _busy() from None
     _set_session(request, response, await accounts.open_session(user))
     return Me(username=user.username, is_admin=user.is_admin)
 
 
-@router.post("/login", response_model=Me, responses={429: {"description": "Too many failures."}})
-async def log_in(body: Credentials, request: Request, response: Response) -> Me:
+@router.post("/login", response_model=Me, responses=_REFUSALS)
+async def log_in(body: SignIn, request: Request, response: Response) -> Me:
+    """Sign in, by the account's name in any case or Unicode spelling."""
     _accounts_mode(request)
     accounts = accounts_of(request)
-    by_account, by_address = request.app.state.sign_in_limits
-    address = request.client.host if request.client else "unknown"
-    wait = by_account.retry_after(body.username) or by_address.retry_after(address)
-    if wait is not None:
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            detail="Too many failed sign-ins; wait a little.",
-            headers={"Retry-After": str(max(1, round(wait)))},
-        )
-    user = await accounts.authenticate(body.username, body.password)
+    try:
+        user = await accounts.authenticate(body.username, body.password, address=_address(request))
+    except Limited as limited:
+        raise _too_many(limited, "Too many failed sign-ins; wait a little.") from None
+    except HashingBusy:
+        raise _busy() from None
     if user is None:
-        by_account.record(body.username)
-        by_address.record(address)
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="Wrong name or password.")
     _set_session(request, response, await accounts.open_session(user))
     return Me(username=user.username, is_admin=user.is_admin)
@@ -113,7 +177,9 @@ async def me(user: SessionUser) -> Me:
 
 class NewToken(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: StrictStr = Field(min_length=1, max_length=100, description="What it is for.")
+    name: Annotated[StrictStr, StorableText] = Field(
+        min_length=1, max_length=100, description="What it is for."
+    )
 
 
 class TokenOut(BaseModel):
@@ -142,7 +208,9 @@ async def list_tokens(request: Request, user: SessionUser) -> list[TokenOut]:
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def revoke_token(token_id: int, request: Request, user: SessionUser) -> Response:
+async def revoke_token(
+    token_id: Annotated[int, FastPath(ge=1, le=MAX_ID)], request: Request, user: SessionUser
+) -> Response:
     if not await accounts_of(request).revoke_token(user, token_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="No such token of yours.")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -190,16 +258,22 @@ async def list_users(request: Request, _admin: Admin) -> list[Me]:
 
 
 @admin.delete("/users/{username}", status_code=status.HTTP_204_NO_CONTENT)
-async def remove_user(username: str, request: Request, me: Admin) -> Response:
-    """Remove a user: their sessions and tokens end at once, their chats are deleted."""
-    if username == me.username:
+async def remove_user(
+    username: Annotated[str, FastPath(min_length=1, max_length=USERNAME_MAX_CHARS), StorableText],
+    request: Request,
+    me: Admin,
+) -> Response:
+    """Remove a user: their sessions and tokens end at once, their chats are deleted, all
+    in one transaction. The name is free again; nothing of theirs goes with it."""
+    accounts = accounts_of(request)
+    removed = await accounts.remove_user(username, keep=me)
+    if removed is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="No such user.")
+    if removed.refused:
         raise HTTPException(status.HTTP_409_CONFLICT, detail="An admin cannot remove themselves.")
     parts = turns.services()
-    if not await accounts_of(request).remove_user(username):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="No such user.")
-    for conversation_id in await parts.store.conversation_ids(username):
-        for turn_id in await parts.store.streaming_turns(conversation_id):
-            streams.request_stop_here(turn_id)
-        await parts.store.delete_conversation(username, conversation_id)
-        await parts.memory.delete(conversation_id)
+    deletion.stop_here(removed.writing)
+    await deletion.finish_soon(
+        parts.store, parts.memory, removed.conversation_ids, DELETE_WAIT_SECONDS
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

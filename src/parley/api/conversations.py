@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -15,12 +17,26 @@ from fastapi.responses import StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-from parley import streams, turns
+from parley import deletion, streams, turns
+from parley.api.bodies import CheckedRoute
 from parley.api.identity import User
-from parley.api.validation import check_idempotency_key, check_message, invalid
-from parley.store import TITLE_MAX_CHARS, ConversationBusy, ConversationNotFound, Turn
+from parley.api.validation import (
+    MAX_ID,
+    Instant,
+    StorableText,
+    check_idempotency_key,
+    check_message,
+    invalid,
+)
+from parley.store import (
+    TITLE_MAX_CHARS,
+    ConversationBusy,
+    ConversationNotFound,
+    TooManyTurns,
+    Turn,
+)
 
-router = APIRouter(prefix="/api")
+router = APIRouter(prefix="/api", route_class=CheckedRoute)
 
 MESSAGES_PAGE = 50
 MESSAGES_PAGE_MAX = 200
@@ -39,6 +55,7 @@ def _check_title(value: str) -> str:
 Title = Annotated[
     StrictStr,
     Field(min_length=1, max_length=TITLE_MAX_CHARS, description="1-200 characters."),
+    StorableText,
     AfterValidator(_check_title),
 ]
 ConversationId = Annotated[uuid.UUID, Path(description="The conversation's id.")]
@@ -87,7 +104,7 @@ class MessagePage(BaseModel):
 
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    content: StrictStr = Field(description="What the user says.")
+    content: Annotated[StrictStr, StorableText] = Field(description="What the user says.")
 
 
 class TurnStarted(BaseModel):
@@ -140,12 +157,27 @@ async def list_conversations(
     user: User,
     limit: Annotated[int, Query(ge=1, le=CONVERSATIONS_PAGE_MAX)] = 50,
     before: Annotated[
-        datetime | None,
-        Query(description="Only conversations last active before this time (for paging)."),
+        Instant | None,
+        Query(
+            description="Only conversations last active before this time: the `updated_at` "
+            "of the last conversation of the page before."
+        ),
+    ] = None,
+    before_id: Annotated[
+        uuid.UUID | None,
+        Query(
+            description="With `before`: the id of the last conversation of the page before, "
+            "so that conversations active at the same moment are neither skipped nor repeated."
+        ),
     ] = None,
 ) -> ConversationPage:
     """The caller's conversations, the most recently active first."""
-    found = await turns.services().store.conversations(user, limit=limit + 1, before=before)
+    found = await turns.services().store.conversations(
+        user,
+        limit=limit + 1,
+        before=before,
+        before_id=str(before_id) if before_id is not None else None,
+    )
     return ConversationPage(
         conversations=[_conversation_out(c) for c in found[:limit]], has_more=len(found) > limit
     )
@@ -189,22 +221,29 @@ async def rename_conversation(
     responses=NOT_FOUND,
     tags=["conversations"],
 )
-async def delete_conversation(user: User, conversation_id: ConversationId) -> Response:
-    """Delete a conversation: its messages, the model's memory of it, everything.
+async def delete_conversation(
+    user: User, conversation_id: ConversationId, request: Request
+) -> Response:
+    """Delete a conversation: its messages, the model's memory of it, its turns' records,
+    everything.
 
-    A reply still being written is stopped.
+    A reply still being written is stopped. Everything is gone when the answer comes,
+    unless a reply takes longer than a few seconds to stop: its remains go as soon as it
+    has.
     """
     parts = turns.services()
     conversation = str(conversation_id)
     try:
-        await parts.store.conversation(user, conversation)
-        for turn_id in await parts.store.streaming_turns(conversation):
-            streams.request_stop_here(turn_id)
-        await parts.store.delete_conversation(user, conversation)
+        writing = await parts.store.delete_conversation(user, conversation)
     except ConversationNotFound:
         raise _not_found() from None
-    await parts.memory.delete(conversation)
+    deletion.stop_here(writing)
+    await deletion.finish_soon(parts.store, parts.memory, [conversation], DELETE_WAIT_SECONDS)
     return Response(status_code=http_status.HTTP_204_NO_CONTENT)
+
+
+# How long a deletion waits for replies being written to stop before it answers.
+DELETE_WAIT_SECONDS = 5.0
 
 
 # --- Messages ------------------------------------------------------------------------
@@ -221,7 +260,8 @@ async def list_messages(
     conversation_id: ConversationId,
     limit: Annotated[int, Query(ge=1, le=MESSAGES_PAGE_MAX)] = MESSAGES_PAGE,
     before: Annotated[
-        int | None, Query(ge=1, description="Only messages older than this message id.")
+        int | None,
+        Query(ge=1, le=MAX_ID, description="Only messages older than this message id."),
     ] = None,
 ) -> MessagePage:
     """A page of the conversation's messages: the latest ones, or those before ``before``.
@@ -267,53 +307,46 @@ async def send_message(
     ] = None,
 ) -> TurnStarted:
     """Start a turn; its reply streams from ``stream_url``."""
-    check_message(body.content, request.app.state.settings.max_message_chars, ("body", "content"))
+    settings = request.app.state.settings
+    check_message(body.content, settings.max_message_chars, ("body", "content"))
     check_idempotency_key(idempotency_key)
-    conversation = str(conversation_id)
-    turn_id, new = await turn_for(user, idempotency_key, body.content, conversation)
-    if new:  # a retry of a turn already started is not a new one
-        await within_limits(user)
-    try:
-        await turns.start_turn(user, conversation, body.content, turn_id, stream=True)
-    except ConversationNotFound:
-        raise _not_found() from None
-    except ConversationBusy:
-        raise HTTPException(
-            http_status.HTTP_409_CONFLICT,
-            detail="A reply is still being written in this conversation; wait or stop it.",
-        ) from None
+    with turn_refusals():
+        try:
+            turn_id, _handle = await turns.start_turn(
+                user,
+                str(conversation_id),
+                body.content,
+                idempotency_key=idempotency_key,
+                stream=True,
+                limits=turns.limits(settings),
+            )
+        except ConversationNotFound:
+            raise _not_found() from None
+        except ConversationBusy:
+            raise HTTPException(
+                http_status.HTTP_409_CONFLICT,
+                detail="A reply is still being written in this conversation; wait or stop it.",
+            ) from None
     return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
 
 
-async def turn_for(
-    owner: str, idempotency_key: str | None, text: str, conversation_id: str
-) -> tuple[str, bool]:
-    """The turn id for a message, and whether it is a new turn (not a retry of one).
-
-    Reusing an idempotency key for a different message, or in another conversation, is
-    refused.
-    """
-    turn_id = turns.new_turn_id(owner, idempotency_key)
-    if idempotency_key is None:
-        return turn_id, True
-    earlier = await turns.services().store.turn(turn_id)
-    if earlier is not None and (earlier.text != text or earlier.conversation_id != conversation_id):
+@contextlib.contextmanager
+def turn_refusals() -> Iterator[None]:
+    """The refusals every way of starting a turn shares, as HTTP errors: an idempotency
+    key reused for another message (422), and a user's limits (429)."""
+    try:
+        yield
+    except turns.KeyReused:
         raise invalid(
             ("header", "Idempotency-Key"),
             "was already used for a different message",
             "idempotency_key_reused",
-        )
-    return turn_id, earlier is None
-
-
-async def within_limits(user: str) -> None:
-    try:
-        await turns.check_turn_limits(user)
-    except turns.TooManyTurns as refusal:
+        ) from None
+    except TooManyTurns as refusal:
         raise HTTPException(
             http_status.HTTP_429_TOO_MANY_REQUESTS,
             detail=str(refusal),
-            headers={"Retry-After": str(round(refusal.retry_after))},
+            headers={"Retry-After": str(max(1, math.ceil(refusal.retry_after)))},
         ) from None
 
 
@@ -434,7 +467,9 @@ async def _frames(turn: Turn, after: streams.EventId) -> AsyncIterator[bytes]:
 
 async def _from_stored_reply(turn_id: str) -> list[streams.Event]:
     message = await turns.services().store.message(turn_id, "assistant")
-    end = streams.EventId(2, 0)
+    # After every id the turn's stream may have given (it ran ``epochs`` epochs), so that
+    # a reader resuming from any of them gets the end.
+    end = streams.terminal_id(max(message.epochs, 1) if message else 1)
     if message is None or message.status == "streaming":
         return [streams.Event(end, "error", {"detail": "The turn ended without a reply."})]
     if message.status == "failed":

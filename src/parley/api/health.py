@@ -76,10 +76,30 @@ async def _model(request: Request) -> str:
     try:
         async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as client:
             response = await client.get(url, headers=headers)
-        # Any answer short of a server error means the model's server is there.
-        result = "ok" if response.status_code < 500 else f"HTTP {response.status_code}"
+        result = _judge(response)
     except httpx.HTTPError as error:
         result = f"unreachable: {type(error).__name__}"
     if local is None:
         request.app.state.provider_check = (time.monotonic(), result)
     return result
+
+
+def _judge(response: httpx.Response) -> str:
+    """What the provider's answer to ``GET /models`` says of it: only a JSON answer with
+    2xx is ready; a wrong key or a base URL that is not an OpenAI-compatible API is not."""
+    code = response.status_code
+    if code in (401, 403):
+        return f"rejected: the key was refused (HTTP {code})"
+    if code == 404:
+        return "not found: the base URL has no /models (is it the API's /v1 URL?)"
+    if code == 429:
+        return "rate-limited (HTTP 429)"
+    if not 200 <= code < 300:
+        return f"HTTP {code}"
+    try:
+        listing = response.json()
+    except ValueError:
+        listing = None
+    if not isinstance(listing, dict):
+        return "not an OpenAI-compatible API: /models did not answer with a JSON object"
+    return "ok"

@@ -6,9 +6,11 @@ page's name prompt). It is an identity, not a credential: anyone who can reach t
 can claim any name.
 
 **Accounts mode** (``PARLEY_AUTH=accounts``): the user of the session in the HttpOnly
-``parley_session`` cookie. A request that changes something must also carry the session's
-CSRF token in an ``X-CSRF-Token`` header (the page reads it from the ``parley_csrf``
-cookie), which a page of another site cannot do.
+``parley_session`` cookie, whose data belongs to the account's immutable id (``uid``),
+never to its name, which a removed account frees for someone else. A request that
+changes something must also carry the session's CSRF token in an ``X-CSRF-Token``
+header (the page reads it from the ``parley_csrf`` cookie), which a page of another site
+cannot do.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ async def current_user(
     ] = None,
 ) -> str:
     if _accounts_mode(request):
-        return (await session_user(request, parley_session, x_csrf_token)).username
+        return (await session_user(request, parley_session, x_csrf_token)).uid
     # The page stores the name percent-encoded, since a cookie cannot hold every character.
     name = x_parley_user if x_parley_user is not None else unquote(parley_user or "") or None
     if name is None:
@@ -99,6 +101,8 @@ async def current_user(
         ) from None
 
 
+# Who owns what the request reads or writes: the name in open mode, the account's uid in
+# accounts mode.
 User = Annotated[str, Depends(current_user)]
 
 
@@ -106,12 +110,12 @@ async def seed_caller(
     request: Request,
     parley_session: Annotated[str | None, Cookie(include_in_schema=False)] = None,
     x_csrf_token: Annotated[str | None, Header(include_in_schema=False)] = None,
-) -> str | None:
+) -> Account | None:
     """For the example's routes: None in open mode (the body names the user), the signed-in
-    user's name in accounts mode."""
+    account in accounts mode."""
     if not _accounts_mode(request):
         return None
-    return (await session_user(request, parley_session, x_csrf_token)).username
+    return await session_user(request, parley_session, x_csrf_token)
 
 
-SeedCaller = Annotated[str | None, Depends(seed_caller)]
+SeedCaller = Annotated[Account | None, Depends(seed_caller)]

@@ -8,24 +8,28 @@ from fastapi import APIRouter, Header, HTTPException, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from parley import turns
-from parley.api.conversations import turn_for, within_limits
+from parley.accounts import Account
+from parley.api.bodies import CheckedRoute
+from parley.api.conversations import turn_refusals
 from parley.api.identity import SeedCaller
 from parley.api.validation import (
+    StorableText,
     Username,
     UsernamePath,
     check_idempotency_key,
     check_message,
+    same_name,
 )
-from parley.store import ConversationBusy, seed_conversation_id
+from parley.store import ConversationBusy, ConversationNotFound, seed_conversation_id
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], route_class=CheckedRoute)
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    message: StrictStr = Field(description="What the user says.")
-    username: Username
+    message: Annotated[StrictStr, StorableText] = Field(description="What the user says.")
+    username: Annotated[Username, StorableText]
 
 
 class ChatMessage(BaseModel):
@@ -72,23 +76,43 @@ async def chat(
     ] = None,
 ) -> ChatMessage:
     """Run one durable chat turn and return the model's reply."""
-    if caller is not None and body.username != caller:
+    if caller is not None and not same_name(body.username, caller.username):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="You may chat only as yourself.")
-    check_message(body.message, request.app.state.settings.max_message_chars, ("body", "message"))
+    settings = request.app.state.settings
+    check_message(body.message, settings.max_message_chars, ("body", "message"))
     check_idempotency_key(idempotency_key)
-    conversation_id = seed_conversation_id(body.username)
-    turn_id, new = await turn_for(body.username, idempotency_key, body.message, conversation_id)
-    if caller is not None and new:
-        await within_limits(caller)
-    try:
-        reply = await turns.run_turn(body.username, conversation_id, body.message, turn_id)
-    except turns.TurnFailed as failure:
-        raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(failure)) from None
-    except ConversationBusy:
-        raise HTTPException(
-            status.HTTP_409_CONFLICT, detail="An earlier message of yours is still being answered."
-        ) from None
+    owner, conversation_id = _seed_conversation(body.username, caller)
+    with turn_refusals():
+        try:
+            reply = await turns.run_turn(
+                owner,
+                conversation_id,
+                body.message,
+                idempotency_key=idempotency_key,
+                limits=turns.limits(settings),
+            )
+        except turns.TurnFailed as failure:
+            raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(failure)) from None
+        except ConversationBusy:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail="An earlier message of yours is still being answered.",
+            ) from None
+        except ConversationNotFound:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                detail="The conversation was deleted while the reply was being written.",
+            ) from None
     return ChatMessage(content=reply, isUser=False)
+
+
+def _seed_conversation(username: str, caller: Account | None) -> tuple[str, str]:
+    """Who owns the example's conversation of this name, and its id: the name's own in
+    open mode; in accounts mode the account's, which no later account of the same name
+    can reach."""
+    if caller is None:
+        return username, seed_conversation_id(username)
+    return caller.uid, caller.chat_conversation_id
 
 
 @router.get(
@@ -100,9 +124,10 @@ async def chat(
 )
 async def history(username: UsernamePath, caller: SeedCaller) -> Response:
     """The user's messages and the model's replies, oldest first."""
-    if caller is not None and username != caller:
+    if caller is not None and not same_name(username, caller.username):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="That history is not yours.")
-    body = await turns.services().store.history_json(seed_conversation_id(username))
+    _owner, conversation_id = _seed_conversation(username, caller)
+    body = await turns.services().store.history_json(conversation_id)
     return Response(body, media_type="application/json")
 
 

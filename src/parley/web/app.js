@@ -498,13 +498,22 @@ function askName() {
   $("#name-input").focus();
 }
 
+// The conversation in the URL (?c=<id>): only a conversation id, which is a UUID. Anything
+// else is ignored, so that a crafted link cannot make the page call another route.
+const CONVERSATION_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function conversationInUrl() {
+  const wanted = new URLSearchParams(location.search).get("c");
+  return wanted && CONVERSATION_ID.test(wanted) ? wanted : null;
+}
+
 async function start(name) {
   state.user = name;
   $("#who").textContent = name;
   $("#name-screen").hidden = true;
   $("#app").hidden = false;
   await loadConversations();
-  const wanted = new URLSearchParams(location.search).get("c");
+  const wanted = conversationInUrl();
   if (wanted) await openConversation(wanted, { push: false });
   $("#message-input").focus();
 }
@@ -591,7 +600,7 @@ $("#toggle-sidebar").addEventListener("click", () => {
 });
 
 window.addEventListener("popstate", () => {
-  const wanted = new URLSearchParams(location.search).get("c");
+  const wanted = conversationInUrl();
   if (wanted) openConversation(wanted, { push: false });
 });
 

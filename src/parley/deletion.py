@@ -1,0 +1,87 @@
+"""Delete means gone: what a deleted conversation leaves outside Parley's own tables.
+
+Deleting a conversation (or removing a user, which deletes all of theirs) is one
+transaction on Parley's tables (``store.delete_conversations``). The same transaction
+writes down what lies elsewhere: the conversation's id (its LangGraph thread: the model's
+memory) and its turns' ids (their DBOS workflows: recorded steps and the reply's stream).
+This module removes those and then the notes, so a crash at any point leaves the work to
+the next pass, on any replica.
+
+A turn still being written is first stopped (its rows are gone, so it stops at its next
+piece or stop check) and removed once its workflow has ended: a running workflow would
+write its records again after they were deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from dbos import DBOS
+
+from parley import streams
+from parley.memory import Memory
+from parley.store import Store
+
+logger = logging.getLogger("parley.deletion")
+
+# How often every replica looks for deletions left to finish.
+SWEEP_SECONDS = 5.0
+# Workflow ids per DBOS call: a bounded statement, however many turns a chat had.
+_BATCH = 500
+_ACTIVE = ["PENDING", "ENQUEUED"]
+
+
+def stop_here(turn_ids: list[str]) -> None:
+    """Stop the replies of a deleted conversation that this process writes (the others
+    learn it from their stop check, within ``PARLEY_STOP_POLL_SECONDS``)."""
+    for turn_id in turn_ids:
+        streams.request_stop_here(turn_id)
+
+
+async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
+    """Remove a deleted conversation's memory and turns, if none of them still runs;
+    whether it is all gone now."""
+    turn_ids = await store.deleted_turns(conversation_id)
+    for start in range(0, len(turn_ids), _BATCH):
+        batch = turn_ids[start : start + _BATCH]
+        running = await DBOS.list_workflows_async(
+            workflow_ids=batch, status=_ACTIVE, load_input=False, load_output=False
+        )
+        if running:
+            return False
+    # The memory last but one: a turn that ended after its conversation was deleted may
+    # have written it again (it deletes it again itself, but not across a crash).
+    await memory.delete(conversation_id)
+    for start in range(0, len(turn_ids), _BATCH):
+        await DBOS.delete_workflows_async(turn_ids[start : start + _BATCH])
+    await store.forget_deletion(conversation_id)
+    return True
+
+
+async def finish_soon(
+    store: Store, memory: Memory, conversation_ids: list[str], wait: float
+) -> bool:
+    """Finish these deletions, waiting up to ``wait`` seconds for their turns to stop;
+    whether all are done (the sweep finishes the rest)."""
+    deadline = time.monotonic() + wait
+    left = list(conversation_ids)
+    while left:
+        left = [c for c in left if not await finish(store, memory, c)]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    return not left
+
+
+async def sweep(store: Store, memory: Memory, every: float = SWEEP_SECONDS) -> None:
+    """Finish, now and then, the deletions that nobody finished (a crash, a turn that
+    took long to stop, a database that was away)."""
+    while True:
+        try:
+            for conversation_id in await store.deletions(_BATCH):
+                await finish(store, memory, conversation_id)
+        except Exception as error:  # the database is away: look again next period
+            logger.warning("could not finish deletions: %s", error)
+        await asyncio.sleep(every)
