@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 from sqlalchemy.engine import make_url
 
 from tests.fake_provider import FakeProvider
@@ -212,6 +214,20 @@ def server(
     running = ParleyServer(tmp_path_factory.mktemp("parley"), env).start()
     yield running
     running.stop()
+
+
+# The page's tests drive Debian's Chromium; a browser is never downloaded.
+CHROMIUM = os.environ.get("PARLEY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
 
 
 AUTH_MODES = ["open", "accounts"]

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -23,7 +22,7 @@ from parley.config import Settings
 from tests.api_client import as_user, messages, new_conversation, send, stream
 from tests.conftest import BACKENDS, ParleyServer, unique
 from tests.fake_provider import FakeProvider
-from tests.test_web import CHROMIUM, Watched, sign_in
+from tests.test_web import Watched, sign_in
 
 SECURITY_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
@@ -272,18 +271,6 @@ def test_accounts_mode_answers_any_name_unless_told(
 
 
 # --- The browser: /docs from the package, ?c= checked ------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        launched.close()
 
 
 # Every Content-Security-Policy violation the page reports, kept where the test reads it.

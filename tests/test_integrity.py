@@ -301,6 +301,26 @@ def _clients(person: Person, server: ParleyServer, count: int) -> list[httpx.Cli
     return clients
 
 
+def _sends_at_once(
+    server: ParleyServer, count: int, text: Callable[[int], str]
+) -> list[httpx.Response]:
+    """One user's ``count`` messages, each to a conversation of its own, sent at once."""
+    person = Person(server)
+    assert person.signup().status_code == 201
+    clients = _clients(person, server, count)
+    made = [person.change("POST", "/api/conversations").json()["id"] for _ in range(count)]
+    try:
+        return _at_once(
+            count,
+            lambda i: clients[i].post(
+                f"/api/conversations/{made[i]}/messages", json={"content": text(i)}
+            ),
+        )
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_parallel_turns_stay_within_a_users_limits(
     make_server: Callable[..., ParleyServer], database_url: str | None, provider: FakeProvider
 ) -> None:
@@ -311,20 +331,10 @@ def test_parallel_turns_stay_within_a_users_limits(
         PARLEY_CONCURRENT_TURNS="3",
         PARLEY_TURNS_PER_MINUTE="30",
     )
-    gina = Person(server)
-    assert gina.signup().status_code == 201
-    clients = _clients(gina, server, 60)
-    conversations = [gina.change("POST", "/api/conversations").json()["id"] for _ in range(60)]
     marker = secret()
     provider.hold()
     try:
-        answers = _at_once(
-            60,
-            lambda i: clients[i].post(
-                f"/api/conversations/{conversations[i]}/messages",
-                json={"content": f"[hang] {marker} {i}"},
-            ),
-        )
+        answers = _sends_at_once(server, 60, lambda i: f"[hang] {marker} {i}")
         codes = sorted(r.status_code for r in answers)
         assert codes == [202] * 3 + [429] * 57, codes
         deadline = time.monotonic() + 10
@@ -335,8 +345,6 @@ def test_parallel_turns_stay_within_a_users_limits(
         assert len([c for c in provider.calls if marker in c.last_user]) == 3
     finally:
         provider.release()
-        for client in clients:
-            client.close()
 
 
 def test_parallel_turns_stay_within_the_rate_per_minute(
@@ -349,20 +357,7 @@ def test_parallel_turns_stay_within_the_rate_per_minute(
         PARLEY_CONCURRENT_TURNS="100",
         PARLEY_TURNS_PER_MINUTE="10",
     )
-    hank = Person(server)
-    assert hank.signup().status_code == 201
-    clients = _clients(hank, server, 40)
-    conversations = [hank.change("POST", "/api/conversations").json()["id"] for _ in range(40)]
-    try:
-        answers = _at_once(
-            40,
-            lambda i: clients[i].post(
-                f"/api/conversations/{conversations[i]}/messages", json={"content": f"n{i}"}
-            ),
-        )
-    finally:
-        for client in clients:
-            client.close()
+    answers = _sends_at_once(server, 40, lambda i: f"n{i}")
     codes = sorted(r.status_code for r in answers)
     assert codes == [202] * 10 + [429] * 30, codes
 
