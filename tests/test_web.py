@@ -343,7 +343,9 @@ def test_the_page_chats_with_the_local_model(
         sign_in(page, local)
         say(page, "What is the capital of France?")
         answer = reply(page, 1)
-        expect(answer).to_have_attribute("data-status", "complete")
+        # expect() waits 5 s by default, not the page's timeout: a real model on two
+        # busy cores can take longer than that to answer.
+        expect(answer).to_have_attribute("data-status", "complete", timeout=60_000)
         assert answer.locator(".content").inner_text().strip()
         expect(page.locator("#model-cpu")).to_be_visible()
         expect(page.locator("#usage-chart polyline")).to_have_count(3)
