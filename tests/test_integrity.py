@@ -193,6 +193,41 @@ def test_removing_a_user_is_one_transaction(
     assert _count_owned_conversations(server, made) == 0
 
 
+def test_a_request_in_flight_stores_nothing_for_a_removed_account(
+    make_server: Callable[..., ParleyServer], database_url: str | None, provider: FakeProvider
+) -> None:
+    """A /chat waiting behind the account's previous turn when an admin removes the
+    account: it must not bring the conversation back, under nobody's name."""
+    server = _server(make_server, database_url, PARLEY_AUTH="accounts")
+    admin = _admin_and(server)
+    lena = Person(server, unique("lena"))
+    assert lena.signup().status_code == 201
+    first, second = secret(), secret()
+    clients = _clients(lena, server, 2)
+    provider.hold()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            body = {"username": lena.name}
+            asked = pool.submit(
+                clients[0].post, "/chat", json={**body, "message": f"[hang] {first}"}
+            )
+            deadline = time.monotonic() + 10
+            while not any(first in call.last_user for call in provider.calls):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            waiting = pool.submit(clients[1].post, "/chat", json={**body, "message": second})
+            time.sleep(0.5)
+            assert admin.change("DELETE", f"/api/admin/users/{lena.name}").status_code == 204
+            provider.release()
+            assert asked.result().status_code in (401, 409), asked.result().text
+            assert waiting.result().status_code == 401, waiting.result().text
+    finally:
+        provider.release()
+        for client in clients:
+            client.close()
+    wait_until_gone(server, [first, second])
+
+
 def _count_owned_conversations(server: ParleyServer, ids: list[str]) -> int:
     placeholders = ",".join("?" for _ in ids)
     query = f"SELECT count(*) FROM conversations WHERE id IN ({placeholders})"

@@ -483,7 +483,12 @@ def test_existing_names_that_collide_keep_signing_in(
         asyncio.run(ensure_postgres_database(database_url))
     command.upgrade(alembic_config(settings), "0006")
     hasher = PasswordHasher()
-    old = [("carol", "carol's password"), ("Carol", "Carol's password")]
+    old = [
+        ("carol", "carol's password"),
+        ("Carol", "Carol's password"),
+        # Two scripts in one name: refused for new names, kept for this one.
+        ("Иван Smith", "Ivan's password"),
+    ]
     engine = sa.create_engine(settings.store_database_url(sync=True))
     with engine.begin() as conn:
         for number, (name, password) in enumerate(old):
@@ -510,3 +515,23 @@ def test_existing_names_that_collide_keep_signing_in(
         assert signed_in.json()["username"] == name
     assert sign_in(server, "CAROL", "carol's password").json()["username"] == "carol"
     assert sign_up(server, "CaRoL").status_code == 409
+
+    # A name from before today's rules still chats through the example's API.
+    with server.client() as ivan:
+        assert ivan.post(
+            "/api/auth/login", json={"username": "Иван Smith", "password": "Ivan's password"}
+        ).is_success
+        csrf = {"X-CSRF-Token": ivan.cookies["parley_csrf"]}
+        said = ivan.post("/chat", json={"message": "hi", "username": "Иван Smith"}, headers=csrf)
+        assert said.status_code == 200, said.text
+        history = ivan.get("/history/Иван Smith")
+        assert history.status_code == 200 and len(history.json()) == 2, history.text
+    # The admin removes "Carol" by her exact name, not carol, whose key she shares.
+    with server.client() as admin:
+        assert admin.post(
+            "/api/auth/login", json={"username": "carol", "password": "carol's password"}
+        ).is_success
+        csrf = {"X-CSRF-Token": admin.cookies["parley_csrf"]}
+        assert admin.delete("/api/admin/users/Carol", headers=csrf).status_code == 204
+        names = [user["username"] for user in admin.get("/api/admin/users").json()]
+    assert "carol" in names and "Carol" not in names

@@ -514,20 +514,34 @@ class Accounts:
         for ``parley.deletion``). None if there is no such user; ``keep`` is never
         removed."""
         async with self.engine.begin() as conn:
+            # The exact name first: two names from before names were compared without
+            # case may share a key (see migration 0007).
+            exact = users.c.username == username
             row = (
                 await conn.execute(
                     sa.select(users.c.id, users.c.uid)
-                    .where(users.c.username_key == username_key(username))
+                    .where(sa.or_(exact, users.c.username_key == username_key(username)))
+                    .order_by(exact.desc())
+                    .limit(1)
                     .with_for_update()
                 )
-            ).one_or_none()
+            ).first()
             if row is None:
                 return None
             if row.id == keep.id:
                 return Removed([], [], refused=True)
             owned = conversations.c.owner == row.uid
+            # Locked before their messages, in the order every turn locks them, so the
+            # removal cannot deadlock with a reply being finished on PostgreSQL.
             conversation_ids = list(
-                (await conn.execute(sa.select(conversations.c.id).where(owned))).scalars()
+                (
+                    await conn.execute(
+                        sa.select(conversations.c.id)
+                        .where(owned)
+                        .order_by(conversations.c.id)
+                        .with_for_update()
+                    )
+                ).scalars()
             )
             writing = await delete_conversations(conn, owned)
             await conn.execute(sessions.delete().where(sessions.c.user_id == row.id))

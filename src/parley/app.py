@@ -324,6 +324,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             headers={"Retry-After": "1"},
         )
 
+    async def owner_gone(_request: Request, _error: Exception) -> JSONResponse:
+        # Signed in a moment before an admin removed the account.
+        return JSONResponse({"detail": "Sign in first."}, status_code=401)
+
+    app.add_exception_handler(store.OwnerGone, owner_gone)
+
     for database_error in (
         sa.exc.DBAPIError,
         sa.exc.TimeoutError,  # no pooled connection came free in time: overload

@@ -43,6 +43,9 @@ def stop_here(turn_ids: list[str]) -> None:
 async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
     """Remove a deleted conversation's memory and turns, if none of them still runs;
     whether it is all gone now."""
+    # The model's memory goes at once, whatever still runs (and again below, since a turn
+    # that ends after this may write it again).
+    await memory.delete(conversation_id)
     turn_ids = await store.deleted_turns(conversation_id)
     for start in range(0, len(turn_ids), _BATCH):
         batch = turn_ids[start : start + _BATCH]
@@ -51,8 +54,8 @@ async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
         )
         if running:
             return False
-    # The memory last but one: a turn that ended after its conversation was deleted may
-    # have written it again (it deletes it again itself, but not across a crash).
+    # A turn that ended after its conversation was deleted may have written the memory
+    # again (it deletes it again itself, but not across a crash).
     await memory.delete(conversation_id)
     for start in range(0, len(turn_ids), _BATCH):
         await DBOS.delete_workflows_async(turn_ids[start : start + _BATCH])
@@ -80,8 +83,11 @@ async def sweep(store: Store, memory: Memory, every: float = SWEEP_SECONDS) -> N
     took long to stop, a database that was away)."""
     while True:
         try:
-            for conversation_id in await store.deletions(_BATCH):
-                await finish(store, memory, conversation_id)
+            after = ""
+            while page := await store.deletions(_BATCH, after):
+                for conversation_id in page:
+                    await finish(store, memory, conversation_id)
+                after = page[-1]
         except Exception as error:  # the database is away: look again next period
             logger.warning("could not finish deletions: %s", error)
         await asyncio.sleep(every)

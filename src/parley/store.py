@@ -311,9 +311,10 @@ class _TurnStatements:
             .on_conflict_do_nothing(index_elements=["turn_id", "role"])
             .returning(messages.c.id)
         )
+        # A reply no longer being written (failed as an orphan meanwhile) gets no new run.
         self.start_run = (
             messages.update()
-            .where(reply)
+            .where(reply, messages.c.status == "streaming")
             .values(epochs=messages.c.epochs + 1)
             .returning(messages.c.epochs, messages.c.stop_requested)
         )
@@ -324,6 +325,9 @@ class _TurnStatements:
             .values(updated_at=sa.bindparam("b_now"))
         )
         self.reply = sa.select(messages).where(reply)
+        self.being_deleted = sa.select(
+            sa.exists().where(deleted_conversations.c.conversation_id == sa.bindparam("b_id"))
+        )
         self.insert_key = (
             insert(turn_keys)
             .values(
@@ -389,6 +393,8 @@ class Store:
             # the pool) on first use, and that one request gets a 503.
             engine = create_async_engine(
                 url,
+                # A failed statement is logged without its values: they are chat text.
+                hide_parameters=True,
                 pool_size=20,
                 max_overflow=20,
                 pool_timeout=settings.db_timeout,
@@ -399,7 +405,10 @@ class Store:
             )
         else:
             engine = create_async_engine(
-                url, pool_timeout=settings.db_timeout, connect_args={"timeout": settings.db_timeout}
+                url,
+                hide_parameters=True,
+                pool_timeout=settings.db_timeout,
+                connect_args={"timeout": settings.db_timeout},
             )
             sa.event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return cls(engine)
@@ -413,7 +422,11 @@ class Store:
 
     # --- Conversations ---------------------------------------------------------------
 
-    async def create_conversation(self, owner: str, title: str | None = None) -> Conversation:
+    async def create_conversation(
+        self, owner: str, title: str | None = None, *, account: bool = False
+    ) -> Conversation:
+        """A new conversation of ``owner`` (with ``account``, an account's uid, which must
+        still exist when the conversation is stored)."""
         now = datetime.now(UTC)
         conversation_id = str(uuid.uuid4())
         async with self.engine.begin() as conn:
@@ -426,6 +439,8 @@ class Store:
                     updated_at=now,
                 )
             )
+            if account:  # after a write: on SQLite, only a write begins the transaction
+                await _check_account(conn, owner)
         return Conversation(conversation_id, title or DEFAULT_TITLE, now, now)
 
     async def conversations(
@@ -506,9 +521,11 @@ class Store:
                 raise ConversationNotFound(conversation_id)
             return await delete_conversations(conn, conversations.c.id == conversation_id)
 
-    async def deletions(self, limit: int) -> list[str]:
-        """Deleted conversations whose memory and turns are still to be removed."""
-        query = sa.select(deleted_conversations.c.conversation_id).limit(limit)
+    async def deletions(self, limit: int, after: str = "") -> list[str]:
+        """Deleted conversations whose memory and turns are still to be removed, in id
+        order after ``after`` (so that a page of ones that must wait hides no others)."""
+        column = deleted_conversations.c.conversation_id
+        query = sa.select(column).where(column > after).order_by(column).limit(limit)
         async with self.engine.connect() as conn:
             return list((await conn.execute(query)).scalars())
 
@@ -572,9 +589,14 @@ class Store:
             async with self.engine.begin() as conn:
                 if limits is not None:
                     await _check_limits(conn, owner, limits)
+                    await _check_account(conn, owner)
                 claim = sql.claim_new if create_conversation else sql.claim
                 if (await conn.execute(claim, values)).rowcount == 0:
                     raise ConversationNotFound(conversation_id)
+                if create_conversation and await conn.scalar(sql.being_deleted, values):
+                    # A conversation of a fixed id (the example's) deleted a moment ago,
+                    # whose turns or memory are still being removed: not to be mixed up.
+                    raise ConversationBusy("", None)
                 if key_hash is not None:
                     keyed = {**values, "b_key": key_hash, "b_turn": turn_id}
                     if (await conn.execute(sql.insert_key, keyed)).first() is None:
@@ -713,6 +735,25 @@ class Store:
         if row is None:
             return None
         return Turn(row.turn_id, row.conversation_id, row.owner, row.content, row.status)
+
+
+class OwnerGone(Exception):
+    """The account was removed after the request was signed in."""
+
+
+# Accounts' uids, read here without importing ``parley.accounts`` (which imports this).
+_users = sa.table("users", sa.column("uid", sa.String()))
+
+
+async def _check_account(conn: AsyncConnection, uid: str) -> None:
+    """Refuse to store anything for an account that is gone, inside the transaction that
+    stores it: removing a user locks the row first, so a request that signed in just
+    before waits for the removal and then sees it."""
+    query = sa.select(_users.c.uid).where(_users.c.uid == uid)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    if await conn.scalar(query) is None:
+        raise OwnerGone(uid)
 
 
 async def _check_limits(conn: AsyncConnection, owner: str, limits: TurnLimits) -> None:

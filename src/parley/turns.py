@@ -374,10 +374,22 @@ async def start_turn(
                 continue
             if not wait_if_busy or time.monotonic() > deadline:
                 raise
-            with contextlib.suppress(Exception):  # its failure is its own client's news
-                await (await DBOS.retrieve_workflow_async(busy.turn_id)).get_result()
+            await _wait_for(busy.turn_id)
             continue
         return turn_id, await _start_workflow(turn_id, conversation_id, text, stream, new=True)
+
+
+async def _wait_for(turn_id: str) -> None:
+    """Wait for the turn in the way to end; a moment, if it has no workflow (yet)."""
+    try:
+        handle = await DBOS.retrieve_workflow_async(turn_id) if turn_id else None
+    except dbos_errors.DBOSNonExistentWorkflowError:
+        handle = None
+    if handle is None:
+        await asyncio.sleep(0.2)
+        return
+    with contextlib.suppress(Exception):  # its failure is its own client's news
+        await handle.get_result()
 
 
 async def _is_orphan(busy: ConversationBusy) -> bool:

@@ -146,10 +146,15 @@ def _conversation_out(conversation: Any) -> ConversationOut:
     response_model=ConversationOut,
     tags=["conversations"],
 )
-async def create_conversation(user: User, body: NewConversation | None = None) -> ConversationOut:
+async def create_conversation(
+    user: User, request: Request, body: NewConversation | None = None
+) -> ConversationOut:
     """Start a conversation. Without a title it is named after its first message."""
     store = turns.services().store
-    return _conversation_out(await store.create_conversation(user, body.title if body else None))
+    accounts = request.app.state.settings.auth == "accounts"
+    return _conversation_out(
+        await store.create_conversation(user, body.title if body else None, account=accounts)
+    )
 
 
 @router.get("/conversations", response_model=ConversationPage, tags=["conversations"])

@@ -13,11 +13,12 @@ from parley.api.bodies import CheckedRoute
 from parley.api.conversations import turn_refusals
 from parley.api.identity import SeedCaller
 from parley.api.validation import (
+    NamePath,
+    SignInName,
     StorableText,
-    Username,
-    UsernamePath,
     check_idempotency_key,
     check_message,
+    open_mode_name,
     same_name,
 )
 from parley.store import ConversationBusy, ConversationNotFound, seed_conversation_id
@@ -29,7 +30,10 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     message: Annotated[StrictStr, StorableText] = Field(description="What the user says.")
-    username: Annotated[Username, StorableText]
+    # Any name an account may sign in with; open mode checks it by the rules for new names.
+    username: Annotated[SignInName, StorableText] = Field(
+        description="The name the chat belongs to (1-64 characters, no control characters)."
+    )
 
 
 class ChatMessage(BaseModel):
@@ -81,7 +85,7 @@ async def chat(
     settings = request.app.state.settings
     check_message(body.message, settings.max_message_chars, ("body", "message"))
     check_idempotency_key(idempotency_key)
-    owner, conversation_id = _seed_conversation(body.username, caller)
+    owner, conversation_id = _seed_conversation(body.username, caller, ("body", "username"))
     with turn_refusals():
         try:
             reply = await turns.run_turn(
@@ -106,12 +110,15 @@ async def chat(
     return ChatMessage(content=reply, isUser=False)
 
 
-def _seed_conversation(username: str, caller: Account | None) -> tuple[str, str]:
+def _seed_conversation(
+    username: str, caller: Account | None, location: tuple[str, ...]
+) -> tuple[str, str]:
     """Who owns the example's conversation of this name, and its id: the name's own in
     open mode; in accounts mode the account's, which no later account of the same name
     can reach."""
     if caller is None:
-        return username, seed_conversation_id(username)
+        name = open_mode_name(username, location)
+        return name, seed_conversation_id(name)
     return caller.uid, caller.chat_conversation_id
 
 
@@ -122,11 +129,11 @@ def _seed_conversation(username: str, caller: Account | None) -> tuple[str, str]
     response_class=Response,
     responses={200: {"content": {"application/json": {}}}},
 )
-async def history(username: UsernamePath, caller: SeedCaller) -> Response:
+async def history(username: NamePath, caller: SeedCaller) -> Response:
     """The user's messages and the model's replies, oldest first."""
     if caller is not None and not same_name(username, caller.username):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="That history is not yours.")
-    _owner, conversation_id = _seed_conversation(username, caller)
+    _owner, conversation_id = _seed_conversation(username, caller, ("path", "username"))
     body = await turns.services().store.history_json(conversation_id)
     return Response(body, media_type="application/json")
 

@@ -112,13 +112,6 @@ Username = Annotated[
     ),
 ]
 
-UsernamePath = Annotated[
-    str,
-    Path(min_length=1, max_length=USERNAME_MAX_CHARS),
-    AfterValidator(_check_username),
-]
-
-
 def _check_sign_in_name(value: str) -> str:
     # The rules names had before the ones above, so that an account made then still
     # signs in; only what no database can store or compare is refused.
@@ -135,6 +128,26 @@ SignInName = Annotated[
     AfterValidator(_check_sign_in_name),
     Field(description="The account's name, in any case or Unicode spelling."),
 ]
+
+
+# A name in a path that is only compared with an account's (``/history/{username}`` in
+# accounts mode): the sign-in rules, so that a name from before today's rules still works.
+NamePath = Annotated[
+    str,
+    Path(min_length=1, max_length=USERNAME_MAX_CHARS),
+    AfterValidator(_check_sign_in_name),
+]
+
+
+def open_mode_name(value: str, location: tuple[str, ...]) -> str:
+    """A name as open mode's conversations belong to it: checked by the rules for names
+    (and normalised), or a 422 at ``location``."""
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(Username).validate_python(value)
+    except ValidationError as error:
+        raise invalid(location, error.errors()[0]["msg"]) from None
 
 
 def invalid(location: tuple[str, ...], message: str, kind: str = "value_error") -> HTTPException:
