@@ -283,12 +283,21 @@ class _TurnStatements:
                 else_=conversations.c.title,
             ),
         }
-        new = insert(conversations).values(
-            id=sa.bindparam("b_id"),
-            owner=sa.bindparam("b_owner"),
-            title=sa.bindparam("b_title"),
-            created_at=sa.bindparam("b_now"),
-            updated_at=sa.bindparam("b_now"),
+        now = sa.bindparam("b_now", type_=conversations.c.created_at.type)
+        # Not while a deletion of the same id (the example's conversations have fixed
+        # ids) is still removing its turns and memory: the new one would inherit them.
+        being_deleted = sa.exists().where(
+            deleted_conversations.c.conversation_id == sa.bindparam("b_id")
+        )
+        new = insert(conversations).from_select(
+            ["id", "owner", "title", "created_at", "updated_at"],
+            sa.select(
+                sa.bindparam("b_id", type_=conversations.c.id.type),
+                sa.bindparam("b_owner", type_=conversations.c.owner.type),
+                sa.bindparam("b_title", type_=conversations.c.title.type),
+                now,
+                now,
+            ).where(~being_deleted),
         )
         self.claim_new = new.on_conflict_do_update(
             index_elements=["id"],
@@ -325,9 +334,7 @@ class _TurnStatements:
             .values(updated_at=sa.bindparam("b_now"))
         )
         self.reply = sa.select(messages).where(reply)
-        self.being_deleted = sa.select(
-            sa.exists().where(deleted_conversations.c.conversation_id == sa.bindparam("b_id"))
-        )
+        self.being_deleted = sa.select(being_deleted)
         self.insert_key = (
             insert(turn_keys)
             .values(
@@ -592,11 +599,9 @@ class Store:
                     await _check_account(conn, owner)
                 claim = sql.claim_new if create_conversation else sql.claim
                 if (await conn.execute(claim, values)).rowcount == 0:
+                    if create_conversation and await conn.scalar(sql.being_deleted, values):
+                        raise ConversationBusy("", None)  # wait for the deletion to end
                     raise ConversationNotFound(conversation_id)
-                if create_conversation and await conn.scalar(sql.being_deleted, values):
-                    # A conversation of a fixed id (the example's) deleted a moment ago,
-                    # whose turns or memory are still being removed: not to be mixed up.
-                    raise ConversationBusy("", None)
                 if key_hash is not None:
                     keyed = {**values, "b_key": key_hash, "b_turn": turn_id}
                     if (await conn.execute(sql.insert_key, keyed)).first() is None:

@@ -116,8 +116,10 @@ def key_hash(idempotency_key: str) -> str:
 
 
 # The user's message of each turn this process has just started, so that its workflow
-# need not read it back; a recovered workflow reads it from the store.
+# need not read it back; a recovered workflow reads it from the store. And the reply of
+# each turn a request here waits for (``run_turn``), handed over the same way.
 _texts: dict[str, str] = {}
+_replies: dict[str, Message | None] = {}
 
 
 async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
@@ -134,9 +136,12 @@ async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
     else:
         outcome = await ask_model(conversation_id, turn_id, text, stream)
     status = "stopped" if outcome["stopped"] else "complete"
-    return await store_reply(
+    message = await store_reply(
         conversation_id, turn_id, outcome["text"], status, stream=stream, tail=outcome["tail"]
     )
+    if turn_id in _replies:
+        _replies[turn_id] = message
+    return message.status if message is not None else "gone"
 
 
 async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
@@ -220,9 +225,9 @@ async def store_reply(
     error: str | None = None,
     stream: bool = False,
     tail: dict[str, Any] | None = None,
-) -> str:
+) -> Message | None:
     """Store the final reply and, for a streaming turn, write the stream's end event; the
-    reply's status as stored (``gone`` when its conversation was deleted).
+    reply as stored (None when its conversation was deleted).
 
     A reply that was already finished (by an earlier run of the step, or failed as an
     orphan) stays as it was, and the end event says so. Run again after a crash, the end
@@ -249,7 +254,7 @@ async def store_reply(
             body = message_json(message) if message else None
             event = streams.Event(end, kind, {"message": body})
         await streams.finish(turn_id, event, tail)
-    return message.status if message is not None else "gone"
+    return message
 
 
 @DBOS.step(**_DATABASE_RETRIES)
@@ -455,9 +460,16 @@ async def run_turn(
         wait_if_busy=True,
         limits=limits,
     )
+    reply: Message | None = None
     if handle is not None:
-        await handle.get_result()
-    reply = await services().store.message(turn_id, "assistant")
+        _replies[turn_id] = None
+        try:
+            await handle.get_result()
+            reply = _replies.get(turn_id)
+        finally:
+            _replies.pop(turn_id, None)
+    if reply is None:  # answered elsewhere, or before: read it
+        reply = await services().store.message(turn_id, "assistant")
     if reply is None:
         raise ConversationNotFound(conversation_id)
     if reply.status == "failed":

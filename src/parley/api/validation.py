@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import HTTPException, Path, status
-from pydantic import AfterValidator, Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError
 
 USERNAME_MAX_CHARS = 64
 IDEMPOTENCY_KEY_MAX_CHARS = 255
@@ -112,6 +112,7 @@ Username = Annotated[
     ),
 ]
 
+
 def _check_sign_in_name(value: str) -> str:
     # The rules names had before the ones above, so that an account made then still
     # signs in; only what no database can store or compare is refused.
@@ -139,13 +140,14 @@ NamePath = Annotated[
 ]
 
 
+_new_name = TypeAdapter(Username)
+
+
 def open_mode_name(value: str, location: tuple[str, ...]) -> str:
     """A name as open mode's conversations belong to it: checked by the rules for names
     (and normalised), or a 422 at ``location``."""
-    from pydantic import TypeAdapter, ValidationError
-
     try:
-        return TypeAdapter(Username).validate_python(value)
+        return _new_name.validate_python(value)
     except ValidationError as error:
         raise invalid(location, error.errors()[0]["msg"]) from None
 
