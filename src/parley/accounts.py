@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from parley import limits
 from parley.config import Settings
-from parley.store import conversations, delete_conversations, metadata
+from parley.store import Deleted, conversations, delete_conversations, metadata
 
 SESSION_DAYS = 30
 SESSION_COOKIE = "parley_session"
@@ -225,6 +225,18 @@ def _account(row: sa.Row[Any]) -> Account:
     return Account(row.id, row.username, row.is_admin, row.uid, row.chat_conversation_id)
 
 
+def _named(username: str) -> sa.Select[Any]:
+    """The account of a name: the exact name first, else the one whose key it shares (two
+    names from before names were compared without case may share one: migration 0007)."""
+    exact = users.c.username == username
+    return (
+        sa.select(users)
+        .where(sa.or_(exact, users.c.username_key == username_key(username)))
+        .order_by(exact.desc())
+        .limit(1)
+    )
+
+
 def _sign_in_keys(username: str, address: str) -> tuple[str, str]:
     """The rate-limit keys of a sign-in: the name's (hashed, so that the table holds no
     names and any name fits) and the address's."""
@@ -349,15 +361,7 @@ class Accounts:
         both back, as does ``HashingBusy``.
         """
         keys = _sign_in_keys(username, address)
-        exact = users.c.username == username
-        query = (
-            sa.select(users)
-            .where(sa.or_(exact, users.c.username_key == username_key(username)))
-            # A name from before the keys existed that shares its key with an older one
-            # signs in by its exact spelling (see migration 0007).
-            .order_by(exact.desc())
-            .limit(1)
-        )
+        query = _named(username)
         async with self._begin() as conn:
             await limits.take(
                 conn,
@@ -508,52 +512,22 @@ class Accounts:
             rows = await conn.execute(sa.select(users).order_by(users.c.id))
             return [_account(row) for row in rows]
 
-    async def remove_user(self, username: str, *, keep: Account) -> Removed | None:
+    async def remove_user(self, username: str, *, keep: Account) -> Deleted | None:
         """Delete a user, every session and token of theirs, and all their conversations,
-        in one transaction (what the conversations leave elsewhere is written down in it
-        for ``parley.deletion``). None if there is no such user; ``keep`` is never
-        removed."""
+        in one transaction; their conversations as ``delete_conversations`` reports them.
+        None if there is no such user; raises ``RemovingSelf`` for ``keep``."""
         async with self.engine.begin() as conn:
-            # The exact name first: two names from before names were compared without
-            # case may share a key (see migration 0007).
-            exact = users.c.username == username
-            row = (
-                await conn.execute(
-                    sa.select(users.c.id, users.c.uid)
-                    .where(sa.or_(exact, users.c.username_key == username_key(username)))
-                    .order_by(exact.desc())
-                    .limit(1)
-                    .with_for_update()
-                )
-            ).first()
+            row = (await conn.execute(_named(username).with_for_update())).first()
             if row is None:
                 return None
             if row.id == keep.id:
-                return Removed([], [], refused=True)
-            owned = conversations.c.owner == row.uid
-            # Locked before their messages, in the order every turn locks them, so the
-            # removal cannot deadlock with a reply being finished on PostgreSQL.
-            conversation_ids = list(
-                (
-                    await conn.execute(
-                        sa.select(conversations.c.id)
-                        .where(owned)
-                        .order_by(conversations.c.id)
-                        .with_for_update()
-                    )
-                ).scalars()
-            )
-            writing = await delete_conversations(conn, owned)
+                raise RemovingSelf(username)
+            deleted = await delete_conversations(conn, conversations.c.owner == row.uid)
             await conn.execute(sessions.delete().where(sessions.c.user_id == row.id))
             await conn.execute(api_tokens.delete().where(api_tokens.c.user_id == row.id))
             await conn.execute(users.delete().where(users.c.id == row.id))
-        return Removed(conversation_ids, writing)
+        return deleted
 
 
-@dataclass(frozen=True, slots=True)
-class Removed:
-    """A removed user's conversations, and the turns that were being written in them."""
-
-    conversation_ids: list[str]
-    writing: list[str]
-    refused: bool = False
+class RemovingSelf(Exception):
+    """An admin asked to remove their own account."""

@@ -22,22 +22,28 @@ from dbos import DBOS
 
 from parley import streams
 from parley.memory import Memory
-from parley.store import Store
+from parley.store import Deleted, Store
 
 logger = logging.getLogger("parley.deletion")
 
 # How often every replica looks for deletions left to finish.
 SWEEP_SECONDS = 5.0
+# How long a deleting request waits for replies being written to stop before it answers.
+WAIT_SECONDS = 5.0
 # Workflow ids per DBOS call: a bounded statement, however many turns a chat had.
 _BATCH = 500
 _ACTIVE = ["PENDING", "ENQUEUED"]
 
 
-def stop_here(turn_ids: list[str]) -> None:
-    """Stop the replies of a deleted conversation that this process writes (the others
-    learn it from their stop check, within ``PARLEY_STOP_POLL_SECONDS``)."""
-    for turn_id in turn_ids:
+async def finish_deleting(store: Store, memory: Memory, deleted: Deleted) -> bool:
+    """After a deleting transaction: stop the replies of the deleted conversations that
+    this process writes (the others learn it from their stop check, within
+    ``PARLEY_STOP_POLL_SECONDS``), and remove what the conversations left elsewhere,
+    waiting up to ``WAIT_SECONDS`` for their turns to stop; whether all is gone (the
+    sweep finishes the rest)."""
+    for turn_id in deleted.writing:
         streams.request_stop_here(turn_id)
+    return await finish_soon(store, memory, deleted.conversation_ids, WAIT_SECONDS)
 
 
 async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:

@@ -510,23 +510,16 @@ class Store:
         async with self.engine.connect() as conn:
             return [(turn_id, _aware(at)) for turn_id, at in await conn.execute(query)]
 
-    async def delete_conversation(self, owner: str, conversation_id: str) -> list[str]:
-        """Delete a conversation of ``owner``; the turns whose replies were still being
-        written in it (they stop: their rows are gone).
-
-        What lies outside these tables is written down in the same transaction, for
-        ``parley.deletion`` to remove.
-        """
+    async def delete_conversation(self, owner: str, conversation_id: str) -> Deleted:
+        """Delete a conversation of ``owner`` (see ``delete_conversations``)."""
         async with self.engine.begin() as conn:
-            # Locked first, as everywhere, so the deletion cannot deadlock with a turn.
-            owned = await conn.execute(
-                sa.select(conversations.c.id)
-                .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                .with_for_update()
+            deleted = await delete_conversations(
+                conn,
+                sa.and_(conversations.c.id == conversation_id, conversations.c.owner == owner),
             )
-            if owned.one_or_none() is None:
-                raise ConversationNotFound(conversation_id)
-            return await delete_conversations(conn, conversations.c.id == conversation_id)
+        if not deleted.conversation_ids:
+            raise ConversationNotFound(conversation_id)
+        return deleted
 
     async def deletions(self, limit: int, after: str = "") -> list[str]:
         """Deleted conversations whose memory and turns are still to be removed, in id
@@ -784,14 +777,36 @@ async def _check_limits(conn: AsyncConnection, owner: str, limits: TurnLimits) -
         raise TooManyTurns(f"At most {limits.at_once} replies may be written for you at once.", 5)
 
 
-async def delete_conversations(conn: AsyncConnection, which: sa.ColumnElement[bool]) -> list[str]:
-    """Delete the conversations ``which`` selects, in the caller's transaction; the turns
-    whose replies were still being written in them.
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """Conversations just deleted, and the turns whose replies were being written in them
+    (they stop: their rows are gone)."""
+
+    conversation_ids: list[str]
+    writing: list[str]
+
+
+async def delete_conversations(conn: AsyncConnection, which: sa.ColumnElement[bool]) -> Deleted:
+    """Delete the conversations ``which`` selects, in the caller's transaction.
 
     What they leave outside these tables (the model's memory, DBOS's records of their
     turns) is written down in the same transaction, for ``parley.deletion`` to remove:
     all or nothing, also across a crash.
     """
+    # Locked first, in id order, as every turn locks a conversation before its messages:
+    # the deletion cannot deadlock with a turn on PostgreSQL.
+    ids = list(
+        (
+            await conn.execute(
+                sa.select(conversations.c.id)
+                .where(which)
+                .order_by(conversations.c.id)
+                .with_for_update()
+            )
+        ).scalars()
+    )
+    if not ids:
+        return Deleted([], [])
     insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     chosen = sa.select(conversations.c.id).where(which)
     of_chosen = messages.c.conversation_id.in_(chosen)
@@ -825,7 +840,7 @@ async def delete_conversations(conn: AsyncConnection, which: sa.ColumnElement[bo
     await conn.execute(turn_keys.delete().where(turn_keys.c.conversation_id.in_(chosen)))
     await conn.execute(messages.delete().where(of_chosen))
     await conn.execute(conversations.delete().where(which))
-    return streaming
+    return Deleted(ids, streaming)
 
 
 def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:

@@ -401,7 +401,9 @@ async def _is_orphan(busy: ConversationBusy) -> bool:
     """Whether the reply in the way will never be written: its request died before it
     started the workflow, or its workflow ended without writing it."""
     if not busy.turn_id:
-        return False  # it ended between the refusal and the look: just try again
+        # It ended between the refusal and the look, or the conversation's deletion is
+        # still being finished: just try again.
+        return False
     if busy.turn_id in _starting:
         return False
     status = await DBOS.get_workflow_status_async(busy.turn_id)

@@ -16,10 +16,10 @@ from parley.accounts import (
     Account,
     HashingBusy,
     NewSession,
+    RemovingSelf,
     SignUpClosed,
     UsernameTaken,
 )
-from parley.api.conversations import DELETE_WAIT_SECONDS
 from parley.api.identity import SessionUser, accounts_of
 from parley.api.validation import (
     MAX_ID,
@@ -265,15 +265,14 @@ async def remove_user(
 ) -> Response:
     """Remove a user: their sessions and tokens end at once, their chats are deleted, all
     in one transaction. The name is free again; nothing of theirs goes with it."""
-    accounts = accounts_of(request)
-    removed = await accounts.remove_user(username, keep=me)
+    try:
+        removed = await accounts_of(request).remove_user(username, keep=me)
+    except RemovingSelf:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail="An admin cannot remove themselves."
+        ) from None
     if removed is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="No such user.")
-    if removed.refused:
-        raise HTTPException(status.HTTP_409_CONFLICT, detail="An admin cannot remove themselves.")
     parts = turns.services()
-    deletion.stop_here(removed.writing)
-    await deletion.finish_soon(
-        parts.store, parts.memory, removed.conversation_ids, DELETE_WAIT_SECONDS
-    )
+    await deletion.finish_deleting(parts.store, parts.memory, removed)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -239,16 +239,11 @@ async def delete_conversation(
     parts = turns.services()
     conversation = str(conversation_id)
     try:
-        writing = await parts.store.delete_conversation(user, conversation)
+        deleted = await parts.store.delete_conversation(user, conversation)
     except ConversationNotFound:
         raise _not_found() from None
-    deletion.stop_here(writing)
-    await deletion.finish_soon(parts.store, parts.memory, [conversation], DELETE_WAIT_SECONDS)
+    await deletion.finish_deleting(parts.store, parts.memory, deleted)
     return Response(status_code=http_status.HTTP_204_NO_CONTENT)
-
-
-# How long a deletion waits for replies being written to stop before it answers.
-DELETE_WAIT_SECONDS = 5.0
 
 
 # --- Messages ------------------------------------------------------------------------
