@@ -56,7 +56,8 @@ def parley(data_dir: Path, **env: str) -> Iterator[tuple[str, int]]:
         for key, value in os.environ.items()
         if key not in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DATABASE_URL")
     }
-    full_env |= {"PARLEY_LOG_LEVEL": "warning", **env}
+    # One process unless asked (``PARLEY_WORKERS``): figures per process stay comparable.
+    full_env |= {"PARLEY_LOG_LEVEL": "warning", "PARLEY_WORKERS": "1", **env}
     log = (data_dir / "server.log").open("ab")
     process = subprocess.Popen(
         [str(PARLEY), "serve", "--port", str(port), "--data-dir", str(data_dir)],

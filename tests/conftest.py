@@ -93,6 +93,19 @@ def database_url(request: pytest.FixtureRequest, backend: str) -> str | None:
     return request.getfixturevalue("postgres_databases").new_url()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unpack_release(commit: str, into: Path) -> Path:
+    """This repository's source at ``commit``, unpacked from git into ``into``: put it
+    first on ``PYTHONPATH`` to run that release with the installed libraries."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", commit, "src"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src"
+
+
 # --- Parley servers ------------------------------------------------------------------
 
 
@@ -108,7 +121,9 @@ class ParleyServer:
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        self.env = {**os.environ, **env}
+        # One process unless a test asks for workers: a test's signals and its kills
+        # are meant for the process serving.
+        self.env = {"PARLEY_WORKERS": "1", **os.environ, **env}
         for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "DATABASE_URL", "PARLEY_MODEL_PATH"):
             if name not in env:
                 self.env.pop(name, None)

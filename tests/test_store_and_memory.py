@@ -328,8 +328,17 @@ async def test_a_turn_that_cannot_start_is_failed_and_ends_its_readers(
     from parley import streams, turns
     from parley.usage import UsageMeter
 
+    async def alive() -> None:
+        return None
+
     turns.install(
-        turns.Services(store=store, memory=None, usage=UsageMeter(), settings=settings)  # type: ignore[arg-type]
+        turns.Services(
+            store=store,
+            memory=None,  # type: ignore[arg-type]
+            usage=UsageMeter(),
+            settings=settings,
+            alive=alive,
+        )
     )
     try:
         owner = unique()

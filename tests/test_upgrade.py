@@ -7,7 +7,6 @@ same interpreter (``PYTHONPATH`` puts its source before the installed one).
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,26 +14,18 @@ from pathlib import Path
 import pytest
 
 from tests.api_client import stream
-from tests.conftest import BACKENDS, ParleyServer, unique
+from tests.conftest import BACKENDS, ParleyServer, unique, unpack_release
 from tests.fake_provider import FakeProvider
 from tests.test_accounts import Person
 
 # The last release whose turns ran under DBOS application version "0.1.0", with chat
 # text in their workflow inputs, and whose accounts owned their data by name.
 PREVIOUS_RELEASE = "93152bf"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def previous_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("previous-release")
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "src"],
-        capture_output=True,
-        check=True,
-    )
-    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-    return target / "src"
+    return unpack_release(PREVIOUS_RELEASE, tmp_path_factory.mktemp("previous-release"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from parley import __version__, deletion, store, streams, turns
 from parley.accounts import AccountLimits, Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
 from parley.api.bodies import validation_failed
+from parley.cluster import Cluster, for_settings
 from parley.config import Settings
 from parley.llm import LocalModelServer, open_chat_model
 from parley.memory import open_memory
@@ -181,21 +182,21 @@ class ParleyApp(FastAPI):
         )
 
 
-def dbos_config(settings: Settings) -> DBOSConfig:
+def dbos_config(settings: Settings, executor_id: str = "local") -> DBOSConfig:
     """DBOS's configuration for this process (also used by ``bench/floor.py``)."""
-    return {
+    config: DBOSConfig = {
         "name": "parley",
         "system_database_url": settings.dbos_database_url,
-        "executor_id": settings.executor_id,
+        "executor_id": executor_id,
         # Recovery resumes only the workflows of the running version: the version of the
         # turn workflow's shape, not of the package, so that turns survive an upgrade
         # that leaves that shape alone (see ``turns.TURN_WORKFLOW_VERSION``).
         "application_version": turns.TURN_WORKFLOW_VERSION,
         "log_level": settings.log_level.upper(),
         # DBOS's notifier thread wakes this often to send what stream writes and finished
-        # workflows have queued; at its default of 10 ms it is half of an idle Parley's CPU
-        # (13.5 ms/s idle, 10.5 at 50 ms). Readers in other processes hear of a write up to
-        # 50 ms later, of batches written once a second (PARLEY_STREAM_FLUSH_SECONDS).
+        # workflows have queued; at its default of 10 ms it is a large part of an idle
+        # Parley's CPU. Readers in other processes hear of a write up to this much later,
+        # on top of the writer's frame (PARLEY_STREAM_FLUSH_SECONDS).
         "notification_coalesce_sec": 0.05,
         "db_engine_kwargs": {
             "connect_args": {
@@ -210,6 +211,16 @@ def dbos_config(settings: Settings) -> DBOSConfig:
             "pool_pre_ping": False,
         },
     }
+    if settings.uses_postgres:
+        config["sys_db_pool_size"] = settings.pool_sizes.dbos
+    return config
+
+
+def _take_over(cluster: Cluster) -> Callable[[list[str]], Awaitable[None]]:
+    async def take_over(executor_ids: list[str]) -> None:
+        await turns.take_over(executor_ids, frozenset(await cluster.live_versions()))
+
+    return take_over
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -221,6 +232,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await store.migrate(settings)
             chat_store = store.Store.from_settings(settings)
             stack.push_async_callback(chat_store.close)
+            # This process's executor id, claimed before DBOS starts with it; released
+            # (last, after DBOS has stopped) so that others take over what is left.
+            cluster = for_settings(settings, turns.TURN_WORKFLOW_VERSION, chat_store.engine)
+            if cluster.engine is not chat_store.engine:
+                stack.push_async_callback(cluster.engine.dispose)
+            executor_id = await cluster.join()
+            stack.push_async_callback(cluster.leave)
+            membership = asyncio.create_task(cluster.run())
+            stack.callback(membership.cancel)
+            app.state.cluster = cluster
             if settings.auth == "accounts":
                 app.state.accounts = Accounts(
                     chat_store.engine,
@@ -229,6 +250,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
 
             usage = app.state.usage
+            # Its figures go to the database for every process to count; the last ones at
+            # shutdown, once the turns in flight have finished.
+            usage.share(chat_store.engine)
+            stack.push_async_callback(usage.close)
             base_url = None
             if not settings.provider_configured:
                 local_model = LocalModelServer(settings, settings.data_dir / "model-server.log")
@@ -238,20 +263,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 usage.model_cpu = local_model.cpu_seconds
                 base_url = local_model.base_url
             model = await stack.enter_async_context(open_chat_model(settings, base_url))
-            memory = await stack.enter_async_context(open_memory(settings, model))
+            memory = await stack.enter_async_context(
+                open_memory(settings, model, guard=cluster.ensure_alive)
+            )
             turns.install(
-                turns.Services(store=chat_store, memory=memory, usage=usage, settings=settings)
+                turns.Services(
+                    store=chat_store,
+                    memory=memory,
+                    usage=usage,
+                    settings=settings,
+                    alive=cluster.ensure_alive,
+                )
             )
             stack.callback(turns.install, None)
 
-            DBOS(config=dbos_config(settings))
+            DBOS(config=dbos_config(settings, executor_id))
             # Launched from the server's own event loop, so that turns DBOS recovers run
-            # on this loop, beside the database pools they use.
+            # on this loop, beside the database pools they use. DBOS resumes this
+            # executor's own unfinished turns as it starts.
             DBOS.launch()
             stack.callback(DBOS.destroy)
-            await turns.end_turns_of_other_versions(settings.executor_id)
+            await turns.end_turns_of_other_versions(executor_id)
+            if executor_id.endswith("/0"):
+                # Releases before executor ids had slots ran as "local" (or as the name
+                # alone): those turns are this replica's own to resume.
+                legacy = settings.executor_id or "local"
+                await turns.take_over([legacy], frozenset(await cluster.live_versions()))
+            logger.info("executor %s", executor_id)
             # On shutdown, turns in flight get a moment to finish (on this loop, so before
-            # DBOS stops); the rest resume at the next start, from their last step.
+            # DBOS stops); the rest are taken over by other processes (``cluster.leave``)
+            # or resume at this one's next start, from their last step.
             stack.push_async_callback(turns.drain, settings.shutdown_grace_seconds)
 
             sampler = asyncio.create_task(usage.run())
@@ -260,8 +301,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 streams.watch_replies(chat_store.reply_flags, settings.stop_poll_seconds)
             )
             stack.callback(reply_watcher.cancel)
+            if settings.uses_postgres:  # hears the same requests at once; SQLite needs none
+                listener = asyncio.create_task(
+                    streams.listen(settings.memory_database, connect_timeout=settings.db_timeout)
+                )
+                stack.callback(listener.cancel)
             deletions = asyncio.create_task(deletion.sweep(chat_store, memory))
             stack.callback(deletions.cancel)
+            cluster.cover_for_others(_take_over(cluster), turns.executors_with_old_turns)
             # The libraries loaded so far are some hundreds of thousands of objects that
             # live as long as the process. Frozen, the cyclic garbage collector stops
             # walking them on every full collection, which otherwise stalls the event

@@ -19,7 +19,7 @@ from parley.config import ConfigurationError, Settings
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
-        for name in ("host", "port", "data_dir")
+        for name in ("host", "port", "data_dir", "workers")
         if getattr(args, name, None) is not None
     }
     return Settings(**overrides)
@@ -30,6 +30,7 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 def serve(settings: Settings, insecure_open: bool = False) -> None:
     settings.check_provider()
+    settings.check_workers()
     public = not (settings.host in LOOPBACK or settings.host.startswith("127."))
     if public and settings.auth == "open" and not insecure_open:
         raise ConfigurationError(
@@ -40,12 +41,17 @@ def serve(settings: Settings, insecure_open: bool = False) -> None:
 
     import uvicorn
 
+    from parley import cluster, turns
     from parley.app import create_app
 
+    asyncio.run(cluster.check_free(settings, turns.TURN_WORKFLOW_VERSION))
+
+    workers = settings.worker_count
     banner = {
         "model": settings.describe_model(),
         "data": settings.describe_database(),
-        "serving": f"http://{settings.host}:{settings.port}",
+        "serving": f"http://{settings.host}:{settings.port}"
+        + (f" ({workers} worker processes)" if workers > 1 else ""),
     }
     if settings.log_format == "json":  # every line of output stays machine-readable
         logging.getLogger("parley").warning(
@@ -60,25 +66,51 @@ def serve(settings: Settings, insecure_open: bool = False) -> None:
             "open mode: no passwords; anyone who can reach %s can read every chat",
             banner["serving"],
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # logs.setup() has configured logging, uvicorn's included
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "log_config": None,  # logs.setup() has configured logging, uvicorn's included
         # Connections left open by clients (reply streams) must not hold a shutdown back.
-        timeout_graceful_shutdown=5,
+        "timeout_graceful_shutdown": 5,
         # uvicorn's default of 5 s equals httpx's own idle expiry, so a client that waits
         # about 5 s between requests can send one on a connection as it is closed, and get
-        # a read error (seen at 1,000 streams); nginx's default is 75 s.
-        timeout_keep_alive=75,
-    )
+        # a read error; nginx's default is 75 s.
+        "timeout_keep_alive": 75,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    # Several processes on one socket, under uvicorn's supervisor, which replaces a worker
+    # that dies or stops answering. Each worker reads its settings from the environment,
+    # so the command line's are passed on there.
+    # The database and Parley's tables are made once, here, rather than by every worker
+    # at once (the workers still check, under a lock, as replicas do).
+    migrate_database(settings)
+    for name in ("host", "port", "data_dir"):
+        os.environ[f"PARLEY_{name.upper()}"] = str(getattr(settings, name))
+    os.environ["PARLEY_WORKERS"] = str(workers)
+    uvicorn.run("parley.cli:worker_app", factory=True, workers=workers, **options)
 
 
-def migrate(settings: Settings) -> None:
+def worker_app() -> Any:
+    """The application of one of ``parley serve --workers``'s processes."""
+    from parley.app import create_app
+
+    settings = Settings()
+    logs.setup(settings)
+    os.umask(0o077)
+    return create_app(settings)
+
+
+def migrate_database(settings: Settings) -> None:
     from parley.store import migrate as run_migrations
 
     asyncio.run(run_migrations(settings))
+
+
+def migrate(settings: Settings) -> None:
+    migrate_database(settings)
     print(f"Migrated {settings.describe_database()}")
 
 
@@ -117,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve_parser.add_argument(
         "--data-dir", type=Path, help="where the SQLite files live (default ./parley-data)"
+    )
+    serve_parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving on the port (default: one per core on PostgreSQL with a "
+        "model provider, otherwise 1)",
     )
     serve_parser.add_argument(
         "--insecure-open",

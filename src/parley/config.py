@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,15 @@ DEFAULT_OPENAI_MODEL = "gpt-3.5-turbo"
 
 class ConfigurationError(Exception):
     """The settings cannot work; the message says what to set."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSizes:
+    """Connections per pool of one process (PostgreSQL)."""
+
+    store: int
+    dbos: int
+    memory: int
 
 
 class Settings(BaseSettings):
@@ -74,13 +84,17 @@ class Settings(BaseSettings):
 
     # Streaming: a reply's pieces reach readers in this process at once, and its durable
     # stream at most this often while a reader in another process follows it (otherwise
-    # with the end event).
-    stream_flush_seconds: float = Field(default=1.0, ge=0)
+    # with the end event). A frame: readers there see the reply move as smoothly as
+    # readers here, while a fast model's pieces still cost one write a frame, not one
+    # write each.
+    stream_flush_seconds: float = Field(default=0.05, ge=0)
     # A stream with nothing to send for this long gets a comment line, so that proxies
     # which drop quiet connections keep it (a model can be that slow to its first token).
     stream_ping_seconds: float = Field(default=15.0, gt=0)
     # How often a reply being written checks the database for a stop that a client of
-    # another replica asked for (a stop asked of this process acts at once).
+    # another replica asked for, or a reader there (a stop asked of this process acts at
+    # once; on PostgreSQL a notification brings the others at once too, and this check
+    # finds what a listener reconnecting missed).
     stop_poll_seconds: float = Field(default=1.0, gt=0)
 
     # The page compares what the last minute's work costs billed by CPU time against
@@ -89,9 +103,20 @@ class Settings(BaseSettings):
     price_cpu_second: float = Field(default=0.000024, ge=0)
     price_request_second: float = Field(default=0.0000166667, ge=0)
 
-    # DBOS recovers, at start, the unfinished turns of its own executor id. Each replica
-    # sharing one PostgreSQL needs a stable id of its own.
-    executor_id: str = "local"
+    # Processes serving on one port (``parley serve --workers``). Unset: one per core on
+    # PostgreSQL with a model provider; otherwise 1, the only number SQLite and the
+    # embedded model allow.
+    workers: int | None = Field(default=None, ge=1, le=256)
+    # The replica's name: each of its processes runs turns as the DBOS executor
+    # NAME/SLOT. Unset: the host name. Two replicas on one database must not share one.
+    executor_id: str | None = Field(default=None, min_length=1, max_length=150)
+    # Within about this many seconds of a process's death (SIGKILL, power off, cut off
+    # from the database), the other processes take over its unfinished turns.
+    dead_after_seconds: float = Field(default=60.0, ge=3, le=3600)
+    # PostgreSQL connections each process may hold: its pools (Parley's tables, DBOS's,
+    # the model's memory), the two connections that listen for notifications and the
+    # heartbeat's own.
+    db_connections: int = Field(default=40, ge=8, le=1000)
 
     # "open": a name and no password, for one person on their own machine (the default,
     # and only allowed on a loopback address unless --insecure-open). "accounts": sign-up
@@ -124,7 +149,9 @@ class Settings(BaseSettings):
     # accounts mode accepts any name unless this is set.
     allowed_hosts: str | None = None
 
-    @field_validator("database_url", "openai_base_url", "model", "model_path", mode="before")
+    @field_validator(
+        "database_url", "openai_base_url", "model", "model_path", "executor_id", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -142,6 +169,40 @@ class Settings(BaseSettings):
         if self.allowed_hosts is None or not self.allowed_hosts.strip():
             return None
         return [name.strip().lower() for name in self.allowed_hosts.split(",") if name.strip()]
+
+    @property
+    def pool_sizes(self) -> PoolSizes:
+        """``db_connections`` shared out: half for Parley's tables, a quarter each for
+        DBOS's and the memory's, after the two listening connections and the heartbeat's."""
+        pooled = self.db_connections - 3
+        store = pooled // 2
+        dbos = pooled // 4
+        return PoolSizes(store=store, dbos=dbos, memory=pooled - store - dbos)
+
+    @property
+    def worker_count(self) -> int:
+        """How many processes ``parley serve`` runs."""
+        if self.workers is not None:
+            return self.workers
+        if self.uses_postgres and self.provider_configured:
+            return os.cpu_count() or 1
+        return 1
+
+    def check_workers(self) -> None:
+        """Refuse, with one line, a number of workers that cannot work."""
+        if self.worker_count == 1:
+            return
+        if not self.uses_postgres:
+            raise ConfigurationError(
+                "PARLEY_WORKERS: several workers need PostgreSQL (DATABASE_URL): on SQLite a "
+                "reply written by one process reaches readers of another only by polling, "
+                "and SQLite serves one process per data directory"
+            )
+        if not self.provider_configured:
+            raise ConfigurationError(
+                "PARLEY_WORKERS: the embedded model runs in one process and already uses "
+                "every core: use a model provider (OPENAI_BASE_URL) for several workers"
+            )
 
     @property
     def uses_postgres(self) -> bool:

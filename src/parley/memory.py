@@ -7,7 +7,8 @@ a crash) replaces rather than appends, and does not call the model a second time
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from parley.config import Settings
 
 # LangGraph's tables on PostgreSQL live in a schema of their own, apart from ours and DBOS's.
 POSTGRES_SCHEMA = "langgraph"
+# Any fixed number, apart from the migrations' own.
+_SETUP_LOCK_ID = 7_305_214_882
 
 
 class ReplySink(Protocol):
@@ -75,8 +78,14 @@ class Memory:
         *,
         system_prompt: str,
         max_messages: int,
+        guard: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.model = model
+        # Awaited before the graph writes a reply to its checkpoint: returns while this
+        # process may still write its turns (``parley.cluster``), so that a process whose
+        # turns were taken over while it was paused never overwrites the memory written
+        # by the process that took them.
+        self.guard = guard
         self.system_prompt = system_prompt
         self.max_messages = max_messages
         self.checkpointer = checkpointer
@@ -107,6 +116,7 @@ class Memory:
             ]
             if sink is None:
                 text = (await self.model.ainvoke(prompt)).text
+                await self._guard()
                 return {"messages": [*forgotten, AIMessage(content=text, id=reply_id)]}
             parts: list[str] = []
             stopped = False
@@ -120,6 +130,7 @@ class Memory:
                     await sink.token(piece)
             if stopped and not parts:
                 return {}
+            await self._guard()
             # What the user saw is what the model remembers, a stopped reply included.
             return {
                 "messages": [
@@ -136,6 +147,10 @@ class Memory:
         builder.add_node("model", call_model)
         builder.add_edge(START, "model")
         return builder.compile(checkpointer=checkpointer)
+
+    async def _guard(self) -> None:
+        if self.guard is not None:
+            await self.guard()
 
     def _window(self, messages: list[AnyMessage]) -> list[AnyMessage]:
         """The latest messages, starting on a user message, that the model is shown."""
@@ -203,6 +218,13 @@ class Memory:
         return list(state.values.get("messages", []))
 
 
+async def _try_lock(conn: Any) -> bool:
+    row = await (
+        await conn.execute("SELECT pg_try_advisory_lock(%s)", (_SETUP_LOCK_ID,))
+    ).fetchone()
+    return bool(row and row[0])
+
+
 @asynccontextmanager
 async def open_checkpointer(settings: Settings) -> AsyncIterator[BaseCheckpointSaver[Any]]:
     if settings.uses_postgres:
@@ -212,15 +234,13 @@ async def open_checkpointer(settings: Settings) -> AsyncIterator[BaseCheckpointS
         from psycopg_pool import AsyncConnectionPool
 
         conninfo = settings.memory_database
-        async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {POSTGRES_SCHEMA}")
         # A pool, not the saver's single connection: hundreds of turns read and write
         # checkpoints at once.
         statement_ms = round(settings.db_statement_timeout * 1000)
         async with AsyncConnectionPool(
             conninfo,
             min_size=2,
-            max_size=20,
+            max_size=settings.pool_sizes.memory,
             open=False,
             timeout=settings.db_timeout,
             kwargs={
@@ -228,11 +248,21 @@ async def open_checkpointer(settings: Settings) -> AsyncIterator[BaseCheckpointS
                 "prepare_threshold": 0,
                 "row_factory": dict_row,
                 "connect_timeout": max(1, round(settings.db_timeout)),
+                "application_name": "parley-memory",
                 "options": f"-c search_path={POSTGRES_SCHEMA} -c statement_timeout={statement_ms}",
             },
         ) as pool:
             saver = AsyncPostgresSaver(pool)  # type: ignore[arg-type]
-            await saver.setup()
+            async with await AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                # The saver's set-up is not safe to run twice at once: processes starting
+                # together take turns (the lock goes with this connection). Asked for
+                # again and again rather than waited for: a statement waiting on the lock
+                # is a transaction, which the set-up's CREATE INDEX CONCURRENTLY would
+                # wait for in turn.
+                while not await _try_lock(conn):  # noqa: ASYNC110 (a lock in another process)
+                    await asyncio.sleep(0.1)
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {POSTGRES_SCHEMA}")
+                await saver.setup()
             yield saver
     else:
         from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
@@ -244,11 +274,16 @@ async def open_checkpointer(settings: Settings) -> AsyncIterator[BaseCheckpointS
 
 
 @asynccontextmanager
-async def open_memory(settings: Settings, model: BaseChatModel) -> AsyncIterator[Memory]:
+async def open_memory(
+    settings: Settings,
+    model: BaseChatModel,
+    guard: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncIterator[Memory]:
     async with open_checkpointer(settings) as checkpointer:
         yield Memory(
             model,
             checkpointer,
             system_prompt=settings.system_prompt,
             max_messages=settings.memory_max_messages,
+            guard=guard,
         )

@@ -116,6 +116,10 @@ deleted_turns = sa.Table(
     sa.Index("ix_deleted_turns_conversation", "conversation_id"),
 )
 
+# On PostgreSQL, what a process asks of a reply another may be writing (a reader follows
+# it, a client stops it) is also sent on this channel: see ``parley.streams.listen``.
+REPLY_REQUESTS_CHANNEL = "parley_replies"
+
 _SEED_NAMESPACE = uuid.UUID("5b0d5f5e-3f0c-4d8e-9a51-6a2f0c7d2e11")
 
 
@@ -125,6 +129,21 @@ def seed_conversation_id(username: str) -> str:
     Derived from the name, so two first requests of one user agree on it without a lookup.
     """
     return str(uuid.uuid5(_SEED_NAMESPACE, username))
+
+
+# PostgreSQL's classes of errors that pass: a connection failed (08), out of resources,
+# such as "too many clients" (53), the server shutting down or starting up (57P).
+_PASSING_SQLSTATES = ("08", "53", "57P")
+
+
+def _sqlstate(error: BaseException | None) -> str:
+    """The SQLSTATE of a driver's error (asyncpg's, possibly wrapped by SQLAlchemy's
+    adapter; psycopg's), or ""."""
+    for candidate in (error, getattr(error, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return ""
 
 
 def is_transient(error: BaseException) -> bool:
@@ -138,8 +157,10 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, sa.exc.TimeoutError):
         return True  # every pooled connection is busy: overload, which passes
     if isinstance(error, sa.exc.DBAPIError):
-        return error.connection_invalidated or isinstance(
-            error, sa.exc.OperationalError | sa.exc.InterfaceError
+        return (
+            error.connection_invalidated
+            or isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError)
+            or _sqlstate(error.orig).startswith(_PASSING_SQLSTATES)
         )
     return isinstance(
         error,
@@ -402,10 +423,11 @@ class Store:
                 url,
                 # A failed statement is logged without its values: they are chat text.
                 hide_parameters=True,
-                pool_size=20,
-                max_overflow=20,
+                pool_size=settings.pool_sizes.store,
+                max_overflow=0,
                 pool_timeout=settings.db_timeout,
                 connect_args={
+                    "server_settings": {"application_name": "parley"},
                     "timeout": settings.db_timeout,
                     "command_timeout": settings.db_statement_timeout,
                 },
@@ -637,23 +659,35 @@ class Store:
     async def follow_elsewhere(self, turn_id: str) -> None:
         """Ask the process writing this reply to put its pieces in the durable stream as
         they come, for a reader here."""
-        await self._update_reply_in_progress(turn_id, followed_elsewhere=True)
+        await self._update_reply_in_progress(turn_id, notify="follow", followed_elsewhere=True)
 
     async def request_stop(self, turn_id: str) -> None:
-        await self._update_reply_in_progress(turn_id, stop_requested=True)
+        await self._update_reply_in_progress(turn_id, notify="stop", stop_requested=True)
 
-    async def _update_reply_in_progress(self, turn_id: str, **values: Any) -> None:
-        """Set ``values`` on a turn's reply, if it is still being written."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                messages.update()
-                .where(
-                    messages.c.turn_id == turn_id,
-                    messages.c.role == "assistant",
-                    messages.c.status == "streaming",
-                )
-                .values(**values)
+    async def _update_reply_in_progress(
+        self, turn_id: str, *, notify: str | None = None, **values: Any
+    ) -> None:
+        """Set ``values`` on a turn's reply, if it is still being written. With ``notify``,
+        on PostgreSQL, also tell every process ``<notify> <turn id>`` on
+        ``REPLY_REQUESTS_CHANNEL``, in the same transaction (so only if the reply is being
+        written, and only once it is set)."""
+        update = (
+            messages.update()
+            .where(
+                messages.c.turn_id == turn_id,
+                messages.c.role == "assistant",
+                messages.c.status == "streaming",
             )
+            .values(**values)
+        )
+        async with self.engine.begin() as conn:
+            if notify is None or conn.dialect.name != "postgresql":
+                await conn.execute(update)
+                return
+            updated = update.returning(messages.c.turn_id).cte("updated")
+            payload = sa.literal(f"{notify} ", sa.Text) + updated.c.turn_id
+            notifying = sa.select(sa.func.pg_notify(REPLY_REQUESTS_CHANNEL, payload))
+            await conn.execute(notifying.select_from(updated))
 
     async def finish_reply(
         self, turn_id: str, *, content: str, status: Status, error: str | None = None
@@ -875,9 +909,14 @@ async def ensure_postgres_database(database_url: str) -> None:
                 quoted = conn.dialect.identifier_preparer.quote_identifier(name)
                 try:
                     await conn.execute(sa.text(f"CREATE DATABASE {quoted}"))
-                except sa.exc.DBAPIError as error:
-                    # Another replica starting at the same moment won the race.
-                    if "already exists" not in str(error):
+                except sa.exc.DBAPIError:
+                    # Another process starting at the same moment may have won the race
+                    # (PostgreSQL says so as "already exists" or as a unique violation).
+                    won = await conn.scalar(
+                        sa.text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                        {"name": name},
+                    )
+                    if not won:
                         raise
     finally:
         await engine.dispose()

@@ -18,27 +18,40 @@ Two paths carry the events:
 - **durable**: the step writes the workflow's DBOS stream: the reset, then the end event
   carrying every piece not written before it. A reader that connects after the turn
   ended, or after a crash, reads this. While a reader in another process follows the
-  reply (it says so in the reply's row, ``followed_elsewhere``, which ``watch_replies``
-  polls), the step also appends the pieces in batches, at most one write per
-  ``stream_flush_seconds``. Pieces cost no write otherwise: stream writes were a third of
-  a streamed turn's CPU, and a crash voids the pieces of its epoch anyway.
+  reply, the step also appends the pieces as they come, at most one write per
+  ``stream_flush_seconds`` (a frame: pieces held back by it go out when it ends, token or
+  not). Pieces cost no write otherwise: stream writes were a third of a streamed turn's
+  CPU, and a crash voids the pieces of its epoch anyway.
 
 A reader takes what it needs from the durable stream (the epochs this process did not run)
 and then follows the live turn, if this process runs it.
+
+What other processes ask of a reply this one writes (a reader there follows it, or a
+client there stops it) is a flag in the reply's row (``followed_elsewhere``,
+``stop_requested``). On PostgreSQL, the request also sends a notification in the same
+transaction, which every process hears at once (``listen``); ``watch_replies`` reads the
+flags every ``stop_poll_seconds`` as well, for notifications lost while a listener
+reconnects (and for SQLite, where there is one process and no notification).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import psycopg
 from dbos import DBOS
 from dbos import error as dbos_errors
+
+from parley.store import REPLY_REQUESTS_CHANNEL
 
 if TYPE_CHECKING:
     from parley.store import ReplyFlags
@@ -130,6 +143,10 @@ class LiveTurn:
         self.events: list[Event] = []
         self.stop_requested = False
         self.followed_elsewhere = False
+        # The writer of the current epoch, and the order of its durable writes: one at a
+        # time, as they were taken, whichever task makes them.
+        self.writer: TurnWriter | None = None
+        self.writes = asyncio.Lock()
         self._wake = asyncio.Event()
         self._begun = asyncio.Event()
         if first_epoch is not None:
@@ -142,6 +159,13 @@ class LiveTurn:
 
     async def begun(self) -> None:
         await self._begun.wait()
+
+    def follow_elsewhere(self) -> None:
+        """A reader in another process follows this turn: its pieces go to the durable
+        stream from now on, those held so far at once."""
+        self.followed_elsewhere = True
+        if self.writer is not None:
+            self.writer.flush_soon()
 
     @property
     def epoch_from(self) -> int:
@@ -217,6 +241,18 @@ def abandon(turn_id: str) -> None:
         )
 
 
+def asked_elsewhere(request: str, turn_id: str) -> None:
+    """What another process asked of a reply, if this process writes it: ``stop`` it, or
+    ``follow`` it (put its pieces in the durable stream for a reader there)."""
+    live = _live.get(turn_id)
+    if live is None:
+        return
+    if request == "stop":
+        live.stop_requested = True
+    elif request == "follow" and not live.followed_elsewhere:
+        live.follow_elsewhere()
+
+
 def request_stop_here(turn_id: str) -> bool:
     """Stop a turn if this process runs it; whether it does."""
     live = _live.get(turn_id)
@@ -228,8 +264,8 @@ def request_stop_here(turn_id: str) -> bool:
 
 @dataclass(slots=True)
 class TurnWriter:
-    """Writes one epoch of a turn's reply: live at once; durable at the end, or in
-    batches while it is followed elsewhere."""
+    """Writes one epoch of a turn's reply: live at once; durable at the end, or at most
+    once a ``flush_seconds`` frame while it is followed elsewhere."""
 
     turn_id: str
     epoch: int
@@ -238,11 +274,21 @@ class TurnWriter:
     n: int = 0
     _batch: list[str] = field(default_factory=list)
     _batch_start: int = 1
-    _last_flush: float = field(default_factory=time.monotonic)
+    _last_flush: float = -math.inf
+    # The next write of pieces, when the frame ends: a task of its own, so that the
+    # model's pieces never wait for the database on their way to this process's readers.
+    # It runs in the step's context (DBOS writes the stream as the step), and only while
+    # the step lasts.
+    _later: asyncio.Task[None] | None = None
+    _step: int | None = field(init=False, default=None)
+    _context: contextvars.Context = field(init=False)
 
     def __post_init__(self) -> None:
         self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id))
         self.live.begin(self.epoch)
+        self.live.writer = self
+        self._step = _current_step()
+        self._context = contextvars.copy_context()
 
     @property
     def stopped(self) -> bool:
@@ -253,7 +299,8 @@ class TurnWriter:
             # Durable before any token of this epoch, so a reader that resumes from an id
             # in an earlier epoch always learns that its text was void.
             reset = Event(EventId(self.epoch, 0), "reset", {})
-            await DBOS.write_stream_async(STREAM_KEY, _value(reset))
+            async with self.live.writes:
+                await DBOS.write_stream_async(STREAM_KEY, _value(reset))
             self.live.publish(reset)
 
     async def token(self, text: str) -> None:
@@ -262,16 +309,46 @@ class TurnWriter:
         if not self._batch:
             self._batch_start = self.n
         self._batch.append(text)
-        if (
-            self.live.followed_elsewhere
-            and time.monotonic() - self._last_flush >= self.flush_seconds
-        ):
-            await self.flush()
+        if self.live.followed_elsewhere:
+            self.flush_soon()
 
-    async def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if (value := self.tail()) is not None:
-            await DBOS.write_stream_async(STREAM_KEY, value)
+    def _due_in(self) -> float:
+        return self._last_flush + self.flush_seconds - time.monotonic()
+
+    def flush_soon(self) -> None:
+        """Write the pieces held to the durable stream when the current frame ends (at
+        once if it has), whether or not another token comes by then."""
+        if self._later is None and self._batch:
+            self._later = asyncio.get_running_loop().create_task(
+                self._flush_when_due(), context=self._context
+            )
+
+    async def _flush_when_due(self) -> None:
+        wrote = False
+        try:
+            while (wait := self._due_in()) > 0:  # noqa: ASYNC110 (a deadline, not an event)
+                await asyncio.sleep(wait)
+            # Pieces that come while this waits for its turn to write go in the same write.
+            async with _piece_writes, self.live.writes:
+                # Not once the step has ended (a write then would be the workflow's, not
+                # the step's), nor for an epoch that a retry has replaced.
+                current = self.live.writer is self and self._step is not None
+                if current and _current_step() == self._step:
+                    self._last_flush = time.monotonic()
+                    if (value := self.tail()) is not None:
+                        try:
+                            await DBOS.write_stream_async(STREAM_KEY, value)
+                        except BaseException:
+                            self._put_back(value)
+                            raise
+                        wrote = True
+        except Exception as error:
+            # The pieces were put back: the next write, or the end event, carries them.
+            logger.warning("could not write a reply's pieces to its stream: %s", error)
+        finally:
+            self._later = None
+        if wrote:
+            self.flush_soon()  # the pieces that came while it wrote, if any
 
     def tail(self) -> dict[str, Any] | None:
         """The pieces not yet written to the durable stream, as one stream value."""
@@ -280,6 +357,24 @@ class TurnWriter:
         value = {"epoch": self.epoch, "n": self._batch_start, "type": "token", "texts": self._batch}
         self._batch = []
         return value
+
+    def _put_back(self, value: dict[str, Any]) -> None:
+        """Hold again the pieces of a write that failed, before any taken since."""
+        self._batch = [*value["texts"], *self._batch]
+        self._batch_start = value["n"]
+
+
+# Writes of pieces under way at once in this process, for all its replies. Each holds one
+# of DBOS's pooled connections while it lasts, which the turns' own steps need as well:
+# with one write per reply under way, a hundred followed replies would keep every turn of
+# the process waiting for a connection. Beyond this, pieces wait, and more go in each write.
+_PIECE_WRITES_AT_ONCE = 4
+_piece_writes = asyncio.Semaphore(_PIECE_WRITES_AT_ONCE)
+
+
+def _current_step() -> int | None:
+    """The id of the DBOS step running in this context, if any."""
+    return DBOS.step_id
 
 
 async def watch_replies(
@@ -306,12 +401,58 @@ async def watch_replies(
                 if (live := _live.get(turn_id)) is not None:
                     live.stop_requested = True
             for turn_id in flags.followed:
-                if (live := _live.get(turn_id)) is not None:
-                    live.followed_elsewhere = True
+                if (live := _live.get(turn_id)) is not None and not live.followed_elsewhere:
+                    live.follow_elsewhere()
 
 
 # Turn ids per query of ``watch_replies``: a bounded statement, whatever the load.
 _WATCH_BATCH = 500
+
+
+async def listen(
+    conninfo: str, *, connect_timeout: float = 10.0, longest_pause: float = 5.0
+) -> None:
+    """Hear, at once, what other processes ask of the replies this one writes: the
+    notifications ``Store.follow_elsewhere`` and ``Store.request_stop`` send on PostgreSQL.
+
+    One connection of its own (``conninfo``, a libpq URL), in autocommit, listening. When
+    the database goes away it connects again, after a pause that doubles up to
+    ``longest_pause``; what was asked meanwhile, ``watch_replies`` finds.
+    """
+    pause = _FIRST_PAUSE
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                conninfo,
+                autocommit=True,
+                application_name="parley-listen",
+                connect_timeout=max(1, round(connect_timeout)),
+                # A database that vanishes without closing the connection (its host
+                # lost) is noticed within a minute or so, rather than never.
+                keepalives=1,
+                keepalives_idle=20,
+                keepalives_interval=10,
+                keepalives_count=3,
+            )
+            async with conn:
+                await conn.execute(f"LISTEN {REPLY_REQUESTS_CHANNEL}")
+                if pause > _FIRST_PAUSE:
+                    logger.info("listening for stop and follow requests again")
+                pause = _FIRST_PAUSE
+                async for notice in conn.notifies():
+                    request, _, turn_id = notice.payload.partition(" ")
+                    asked_elsewhere(request, turn_id)
+        except Exception as error:  # the database went away, or never came
+            logger.warning(
+                "not listening for stop and follow requests (%s); again in %.1f s",
+                str(error).strip() or type(error).__name__,
+                pause,
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, longest_pause)
+
+
+_FIRST_PAUSE = 0.1
 
 
 def _value(event: Event) -> dict[str, Any]:
@@ -324,11 +465,25 @@ def terminal_id(epochs: int) -> EventId:
 
 
 async def finish(turn_id: str, event: Event, tail: dict[str, Any] | None = None) -> None:
-    """Write a turn's end event, after ``tail`` (its last unwritten pieces), in one write."""
-    value = _value(event)
-    if tail is not None:
-        value = {**tail, "end": value}
-    await DBOS.write_stream_async(STREAM_KEY, value)
+    """Write a turn's end event, after ``tail`` (its last unwritten pieces), in one write.
+
+    While the reply is followed elsewhere, it waits for a write of pieces still under way,
+    and carries those of one that failed (the writer holds them again).
+    """
+    live = _live.get(turn_id)
+    writer = live.writer if live is not None and live.followed_elsewhere else None
+    async with live.writes if live is not None else contextlib.nullcontext():
+        if writer is not None and (held := writer.tail()):
+            if tail is not None and held["n"] + len(held["texts"]) == tail["n"]:
+                tail = {**tail, "n": held["n"], "texts": [*held["texts"], *tail["texts"]]}
+            elif tail is None:
+                tail = held
+            else:
+                await DBOS.write_stream_async(STREAM_KEY, held)
+        value = _value(event)
+        if tail is not None:
+            value = {**tail, "end": value}
+        await DBOS.write_stream_async(STREAM_KEY, value)
     live = _live.pop(turn_id, None)
     if live is not None:
         live.publish(event)

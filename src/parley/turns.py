@@ -30,8 +30,9 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dbos import DBOS, SetWorkflowID, StepOptions, WorkflowHandleAsync
@@ -64,6 +65,8 @@ class Services:
     memory: Memory
     usage: UsageMeter
     settings: Settings
+    # Returns while this process may still write its turns' results (``parley.cluster``).
+    alive: Callable[[], Awaitable[None]]
 
 
 # Steps are module-level functions (DBOS finds them by name on recovery), so the services
@@ -136,6 +139,7 @@ async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
     else:
         outcome = await ask_model(conversation_id, turn_id, text, stream)
     status = "stopped" if outcome["stopped"] else "complete"
+    await services().alive()
     message = await store_reply(
         conversation_id, turn_id, outcome["text"], status, stream=stream, tail=outcome["tail"]
     )
@@ -260,6 +264,7 @@ async def store_reply(
 @DBOS.step(**_DATABASE_RETRIES)
 async def fail_turn(conversation_id: str, turn_id: str, error: str, stream: bool) -> None:
     """Drop the unanswered message from the model's memory; store the failure."""
+    await services().alive()
     await services().memory.forget(conversation_id, turn_id)
     await store_reply(conversation_id, turn_id, "", "failed", error=error, stream=stream)
 
@@ -479,8 +484,11 @@ async def run_turn(
     return reply.content
 
 
-async def end_turns_of_other_versions(executor_id: str) -> int:
-    """End the turns this executor left unfinished under another turn workflow version.
+async def end_turns_of_other_versions(
+    executor_id: str, *, unless_run_by: frozenset[str] = frozenset()
+) -> int:
+    """End the turns ``executor_id`` left unfinished under another turn workflow version
+    (unless a live process runs that version: ``unless_run_by``).
 
     DBOS resumes only the workflows of the version it runs, so after an upgrade that
     changed the workflow's shape, a turn the old version was writing when it stopped
@@ -496,7 +504,11 @@ async def end_turns_of_other_versions(executor_id: str) -> int:
         load_input=False,
         load_output=False,
     )
-    stale = [w.workflow_id for w in pending if w.app_version != TURN_WORKFLOW_VERSION]
+    stale = [
+        w.workflow_id
+        for w in pending
+        if w.app_version != TURN_WORKFLOW_VERSION and w.app_version not in unless_run_by
+    ]
     for turn_id in stale:
         await DBOS.cancel_workflow_async(turn_id)
         turn = await parts.store.turn(turn_id)
@@ -508,6 +520,32 @@ async def end_turns_of_other_versions(executor_id: str) -> int:
     if stale:
         logger.warning("ended %d turns left unfinished by another version of Parley", len(stale))
     return len(stale)
+
+
+async def take_over(executor_ids: list[str], live_versions: frozenset[str]) -> None:
+    """Hand the pending turns of dead executors back to DBOS.
+
+    DBOS puts each on its internal queue, from which exactly one live process (whichever
+    dequeues it first) runs it again from its last recorded step; recovering an executor
+    twice finds nothing left to requeue. Turns of another workflow version that no live
+    process runs are ended (``end_turns_of_other_versions``).
+    """
+    await asyncio.to_thread(DBOS._recover_pending_workflows, executor_ids)
+    for executor_id in executor_ids:
+        await end_turns_of_other_versions(executor_id, unless_run_by=live_versions)
+
+
+async def executors_with_old_turns(age_seconds: float) -> set[str]:
+    """The executors with turns pending (by DBOS's record) for more than ``age_seconds``."""
+    before = datetime.now(UTC) - timedelta(seconds=age_seconds)
+    pending = await DBOS.list_workflows_async(
+        status=["PENDING"],
+        workflow_id_prefix="turn-",
+        end_time=before.isoformat(),
+        load_input=False,
+        load_output=False,
+    )
+    return {w.executor_id for w in pending if w.executor_id}
 
 
 def limits(settings: Settings) -> TurnLimits | None:

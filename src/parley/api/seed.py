@@ -42,9 +42,11 @@ class ChatMessage(BaseModel):
 
 
 class Times(BaseModel):
-    cpu_time: float = Field(description="CPU seconds Parley's process used in the window.")
+    cpu_time: float = Field(
+        description="CPU seconds Parley's processes (all of them) used in the window."
+    )
     model_cpu_time: float | None = Field(
-        description="CPU seconds the embedded model's process used in the window "
+        description="CPU seconds the embedded model's processes used in the window "
         "(null when the model is a remote provider)."
     )
     wall_clock_time: float = Field(description="Seconds the turns finished in the window took.")
@@ -140,8 +142,9 @@ async def history(username: NamePath, caller: SeedCaller) -> Response:
 
 @router.get("/times", response_model=Times)
 async def times(request: Request) -> Times:
-    """CPU time against wall-clock time over the last minute."""
-    usage = request.app.state.usage.snapshot()
+    """CPU time against wall-clock time over the last minute, of every Parley process
+    sharing the database."""
+    usage = await request.app.state.usage.service_snapshot()
     return Times(
         cpu_time=usage.cpu_time,
         model_cpu_time=usage.model_cpu_time,

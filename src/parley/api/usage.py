@@ -43,10 +43,10 @@ BUCKETS = 30
 @router.get("/usage", response_model=UsageOut)
 async def usage(request: Request) -> UsageOut:
     """The last minute's CPU and wall-clock time, their cost two ways, and five minutes of
-    history in ten-second buckets."""
+    history in ten-second buckets: the whole service's, every process sharing the database."""
     meter = request.app.state.usage
     settings = request.app.state.settings
-    now = meter.snapshot()
+    now = await meter.service_snapshot()
     cpu = now.cpu_time + (now.model_cpu_time or 0.0)
     return UsageOut(
         window_seconds=now.window_seconds,
@@ -68,6 +68,6 @@ async def usage(request: Request) -> UsageOut:
                 model_cpu_time=b.model_cpu_time,
                 wall_clock_time=b.wall_clock_time,
             )
-            for b in meter.series(BUCKET_SECONDS, BUCKETS)
+            for b in await meter.service_series(BUCKET_SECONDS, BUCKETS)
         ],
     )
