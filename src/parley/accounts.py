@@ -35,12 +35,17 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from parley import limits
 from parley.config import Settings
-from parley.store import Deleted, conversations, delete_conversations, metadata
+from parley.store import (
+    Deleted,
+    conversations,
+    delete_conversations,
+    metadata,
+    upsert_insert,
+)
 
 SESSION_DAYS = 30
 SESSION_COOKIE = "parley_session"
@@ -277,13 +282,12 @@ class Accounts:
         )
         # Verified against when the name is unknown, so that both cases take as long.
         self._decoy = self.hasher.hash(secrets.token_hex(16))
-        postgres = engine.dialect.name == "postgresql"
-        self._insert = (postgresql if postgres else sqlite).insert
+        self._insert = upsert_insert(engine.dialect.name)
         # Sign-in and sign-up transactions of this process take turns here, not in the
         # database: a flood of them waits without holding pooled connections that other
         # requests need, and SQLite's writers do not pile up in its busy handler, which
         # sleeps. What they decide is still decided in the database, across processes.
-        self._gate = asyncio.Semaphore(4 if postgres else 1)
+        self._gate = asyncio.Semaphore(4 if engine.dialect.name == "postgresql" else 1)
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:

@@ -284,11 +284,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             DBOS.launch()
             stack.callback(DBOS.destroy)
             await turns.end_turns_of_other_versions(executor_id)
+            take_over = _take_over(cluster)
             if executor_id.endswith("/0"):
                 # Releases before executor ids had slots ran as "local" (or as the name
                 # alone): those turns are this replica's own to resume.
-                legacy = settings.executor_id or "local"
-                await turns.take_over([legacy], frozenset(await cluster.live_versions()))
+                await take_over([settings.executor_id or "local"])
             logger.info("executor %s", executor_id)
             # On shutdown, turns in flight get a moment to finish (on this loop, so before
             # DBOS stops); the rest are taken over by other processes (``cluster.leave``)
@@ -308,7 +308,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stack.callback(listener.cancel)
             deletions = asyncio.create_task(deletion.sweep(chat_store, memory))
             stack.callback(deletions.cancel)
-            cluster.cover_for_others(_take_over(cluster), turns.executors_with_old_turns)
+            cluster.cover_for_others(take_over, turns.executors_with_old_turns)
             # The libraries loaded so far are some hundreds of thousands of objects that
             # live as long as the process. Frozen, the cyclic garbage collector stops
             # walking them on every full collection, which otherwise stalls the event

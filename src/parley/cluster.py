@@ -50,7 +50,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from parley.config import ConfigurationError, Settings
-from parley.store import metadata
+from parley.store import db_epoch, metadata
 
 logger = logging.getLogger("parley.cluster")
 
@@ -98,13 +98,6 @@ class Timing:
         results without checking that the turn is still its own (half of
         ``stale_after``: the margin covers a slow beat and differing clock rates)."""
         return self.dead_after / 3
-
-
-def _db_now(engine: AsyncEngine) -> sa.ColumnElement[float]:
-    """Seconds since the epoch by the database's clock."""
-    if engine.dialect.name == "postgresql":
-        return sa.cast(sa.func.extract("epoch", sa.func.clock_timestamp()), sa.Float)
-    return (sa.func.julianday("now") - 2440587.5) * 86400.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -227,7 +220,7 @@ class Cluster:
 
     async def _claim(self, executor_id: str) -> bool:
         """Take ``executor_id`` if it is free; whether this process now holds it."""
-        now = _db_now(self.engine)
+        now = db_epoch(self.engine.dialect.name)
         new_row = {
             "name": self.name,
             "host": self.host,
@@ -263,7 +256,7 @@ class Cluster:
 
     async def _row(self, conn: AsyncConnection, executor_id: str) -> sa.Row[Any] | None:
         """The holder of ``executor_id`` (host, pid, token) and its heartbeat's age."""
-        now = _db_now(self.engine)
+        now = db_epoch(self.engine.dialect.name)
         found = await conn.execute(
             sa.select(
                 executors.c.host,
@@ -329,7 +322,7 @@ class Cluster:
                 executors.update()
                 .where(executors.c.executor_id == self.executor_id)
                 .where(executors.c.token == self.token)
-                .values(heartbeat_at=_db_now(self.engine))
+                .values(heartbeat_at=db_epoch(self.engine.dialect.name))
             )
         if renewed.rowcount != 1:
             return False
@@ -423,7 +416,7 @@ class Cluster:
     async def claim_dead(self) -> list[str]:
         """Delete the rows of processes whose heartbeat is stale; the ids this process
         deleted, whose turns are now its to hand back to DBOS."""
-        now = _db_now(self.engine)
+        now = db_epoch(self.engine.dialect.name)
         claimed: list[str] = []
         async with self.engine.begin() as conn:
             rows = (
@@ -465,7 +458,7 @@ class Cluster:
 
     async def live_versions(self) -> set[str]:
         """The turn workflow versions that live processes run."""
-        now = _db_now(self.engine)
+        now = db_epoch(self.engine.dialect.name)
         async with self.engine.connect() as conn:
             return set(
                 (

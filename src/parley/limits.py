@@ -20,10 +20,9 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from parley.store import metadata
+from parley.store import metadata, upsert_insert
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ async def take(
     now = _utc(now or datetime.now(UTC))
     table = rate_limits.c
     expired = table.window_start <= now - timedelta(seconds=seconds)
-    insert = (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(rate_limits)
+    insert = upsert_insert(conn.dialect.name)(rate_limits)
     statement = (
         insert.values(key=key, window_start=now, count=1)
         .on_conflict_do_update(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -406,11 +406,23 @@ class _TurnStatements:
         ).where(user.c.role == "user")
 
 
+def upsert_insert(dialect: str) -> Callable[[sa.Table], Any]:
+    """The ``insert`` of a database dialect's own (with ``on_conflict_do_...``)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def db_epoch(dialect: str) -> sa.ColumnElement[float]:
+    """Seconds since the epoch by the database's clock (one value per statement), for the
+    times that processes on several hosts compare: the hosts' clocks never meet."""
+    if dialect == "postgresql":
+        return sa.cast(sa.extract("epoch", sa.func.statement_timestamp()), sa.Float)
+    return (sa.func.julianday("now") - 2440587.5) * 86400.0
+
+
 class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        dialect = sqlite if engine.dialect.name == "sqlite" else postgresql
-        self._turn_sql = _TurnStatements(dialect.insert)
+        self._turn_sql = _TurnStatements(upsert_insert(engine.dialect.name))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:

@@ -36,10 +36,9 @@ from typing import Any
 
 import psutil
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from parley.store import metadata
+from parley.store import db_epoch, metadata, upsert_insert
 
 logger = logging.getLogger("parley.usage")
 
@@ -66,14 +65,6 @@ _PRUNE_EVERY = 30
 _LAST_WRITE_SECONDS = 3.0
 # CPU seconds since its last row that make a process write at ``publish_interval``.
 _BUSY_CPU_SECONDS = 0.05
-
-
-def _db_now(dialect: str) -> sa.ColumnElement[float]:
-    """Seconds since the epoch by the database's clock (one value per statement)."""
-    if dialect == "postgresql":
-        # statement_timestamp() is stable within a statement, so it can bound an index scan.
-        return sa.cast(sa.extract("epoch", sa.func.statement_timestamp()), sa.Float)
-    return (sa.func.julianday("now") - 2440587.5) * 86400.0
 
 
 def _floor(value: sa.ColumnElement[float], dialect: str) -> sa.ColumnElement[Any]:
@@ -295,12 +286,11 @@ class UsageMeter:
                 }
                 self._published = now
             dialect = engine.dialect.name
-            insert = (postgresql if dialect == "postgresql" else sqlite).insert(usage_samples)
+            insert = upsert_insert(dialect)(usage_samples)
             try:
                 async with engine.begin() as conn:
-                    await conn.execute(
-                        insert.values(**self._pending, at=_db_now(dialect)).on_conflict_do_nothing()
-                    )
+                    row = insert.values(**self._pending, at=db_epoch(dialect))
+                    await conn.execute(row.on_conflict_do_nothing())
             except Exception as error:  # the database is away: the next period tries again
                 self._warn("publish", "could not write this process's usage figures: %s", error)
                 return
@@ -315,7 +305,7 @@ class UsageMeter:
             async with engine.begin() as conn:
                 await conn.execute(
                     usage_samples.delete().where(
-                        usage_samples.c.at < _db_now(dialect) - self.history
+                        usage_samples.c.at < db_epoch(dialect) - self.history
                     )
                 )
         except Exception as error:
@@ -371,7 +361,7 @@ class UsageMeter:
                         sa.func.sum(c.model_cpu_time),
                         sa.func.coalesce(sa.func.sum(c.wall_clock_time), 0.0),
                         sa.func.coalesce(sa.func.sum(c.turns), 0),
-                    ).where(self._of_others(_db_now(dialect) - window))
+                    ).where(self._of_others(db_epoch(dialect) - window))
                 )
             ).one()
             model = None if row[1] is None else float(row[1])
@@ -394,7 +384,7 @@ class UsageMeter:
             conn: AsyncConnection, dialect: str
         ) -> dict[int, tuple[float, float | None, float]]:
             c = usage_samples.c
-            now = _db_now(dialect)
+            now = db_epoch(dialect)
             ago = _floor((now - c.at) / bucket_seconds, dialect).label("ago")
             rows = await conn.execute(
                 sa.select(
