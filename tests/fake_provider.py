@@ -29,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import re
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,50 @@ class Faults:
         return kind
 
 
+@dataclass
+class Limits:
+    """A provider's limits, kept as a real one keeps them: requests in flight at once, and
+    requests admitted in any ``window`` seconds; above either, 429 with ``Retry-After``
+    (whole seconds, as HTTP has them: until the oldest admitted request leaves the window,
+    or one second for a full house). Refused requests count against neither."""
+
+    concurrency: int | None = None
+    per_minute: int | None = None
+    window: float = 60.0
+    in_flight: int = 0
+    most_in_flight: int = 0
+    admitted: list[float] = field(default_factory=list)
+    refused: int = 0
+    refused_busy: int = 0  # of ``refused``: over ``concurrency``
+
+    def admit(self) -> float | None:
+        """None if the request is admitted; otherwise the seconds to ask it to wait."""
+        now = time.monotonic()
+        if self.concurrency is not None and self.in_flight >= self.concurrency:
+            self.refused += 1
+            self.refused_busy += 1
+            return 1.0
+        if self.per_minute is not None:
+            recent = [at for at in self.admitted if at > now - self.window]
+            if len(recent) >= self.per_minute:
+                self.refused += 1
+                return max(1.0, math.ceil(recent[-self.per_minute] + self.window - now))
+        self.admitted.append(now)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return None
+
+    def most_in_any_window(self) -> int:
+        """The most requests admitted in any ``window`` seconds."""
+        times = sorted(self.admitted)
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while times[start] <= at - self.window:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
+
+
 class DroppedConnection(Exception):
     """Raised inside a streamed response: uvicorn then cuts the connection short."""
 
@@ -97,6 +142,7 @@ class FakeProvider:
         self.api_key = api_key
         self.calls: list[Call] = []
         self.faults: Faults | None = None
+        self.limits: Limits | None = None
         self._released = threading.Event()
         self._failed_once: set[str] = set()
         self._server: uvicorn.Server | None = None
@@ -142,6 +188,33 @@ class FakeProvider:
             authorization=request.headers.get("authorization"),
         )
         self.calls.append(call)
+        limits = self.limits
+        if limits is not None:
+            if (wait := limits.admit()) is not None:
+                call.fault = "limit"
+                return JSONResponse(
+                    {"error": {"message": "Rate limit reached.", "type": "rate_limit"}},
+                    429,
+                    headers={"Retry-After": str(int(wait))},
+                )
+            finished = [False]
+
+            def done() -> None:
+                if not finished[0]:
+                    finished[0] = True
+                    limits.in_flight -= 1
+
+            try:
+                response = await self._answer(call, body, done)
+            except BaseException:
+                done()
+                raise
+            if not isinstance(response, StreamingResponse):
+                done()
+            return response
+        return await self._answer(call, body, lambda: None)
+
+    async def _answer(self, call: Call, body: dict[str, Any], done: Callable[[], None]) -> Response:
         text = call.last_user
         for name, argument in _DIRECTIVE.findall(text):
             if name == "hang":
@@ -176,7 +249,7 @@ class FakeProvider:
                 (float(arg) for name, arg in _DIRECTIVE.findall(text) if name == "slow"), 0
             )
             return StreamingResponse(
-                self._chunks(content, model, pause, drop=fault == "drop"),
+                self._chunks(content, model, pause, drop=fault == "drop", done=done),
                 media_type="text/event-stream",
             )
         return JSONResponse(
@@ -197,7 +270,22 @@ class FakeProvider:
         )
 
     async def _chunks(
-        self, content: str, model: str, pause: float, *, drop: bool = False
+        self,
+        content: str,
+        model: str,
+        pause: float,
+        *,
+        drop: bool = False,
+        done: Callable[[], None] = lambda: None,
+    ) -> AsyncIterator[str]:
+        try:
+            async for chunk in self._pieces(content, model, pause, drop=drop, finish=done):
+                yield chunk
+        finally:
+            done()
+
+    async def _pieces(
+        self, content: str, model: str, pause: float, *, drop: bool, finish: Callable[[], None]
     ) -> AsyncIterator[str]:
         words = content.split(" ")
         for index, word in enumerate(words):
@@ -214,14 +302,16 @@ class FakeProvider:
                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
             }
             yield f"data: {json.dumps(chunk)}\n\n"
-        done = {
+        last = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }
-        yield f"data: {json.dumps(done)}\n\n"
+        # Out of flight once the reply is written, before the client can have read it.
+        finish()
+        yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
     def start(self) -> FakeProvider:
@@ -264,8 +354,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
+    parser.add_argument("--concurrency", type=int, help="requests in flight at once")
+    parser.add_argument("--per-minute", type=int, help="requests a minute")
     args = parser.parse_args()
     fake = FakeProvider(latency=args.latency).start()
+    if args.concurrency or args.per_minute:
+        fake.limits = Limits(args.concurrency, args.per_minute)
     print(fake.base_url, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()

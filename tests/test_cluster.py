@@ -362,11 +362,23 @@ def test_two_workers_share_the_port_survive_a_kill_and_stop_together(
     user = unique("workers")
     texts: list[str] = []
     turn_ids: list[str] = []
+
+    def running_by_executor() -> dict[str, int]:
+        with psycopg.connect(cluster_url) as conn:
+            return dict(
+                conn.execute(
+                    "SELECT executor_id, count(*) FROM dbos.workflow_status "
+                    "WHERE status = 'PENDING' GROUP BY executor_id"
+                ).fetchall()
+            )
+
+    # Batches of fresh connections, which the kernel spreads over the workers that have
+    # finished starting, until both hold turns (a worker's executor row is claimed a
+    # moment before it serves).
     with as_user(server.client(), user) as http:
-        for index in range(16):
+        for index in range(64):
             conversation = new_conversation(http)
             text = unique(f"[hang] w{index}")
-            # A fresh connection each, so that the kernel spreads them over the workers.
             with as_user(server.client(), user) as fresh:
                 response = fresh.post(
                     f"/api/conversations/{conversation}/messages", json={"content": text}
@@ -374,14 +386,12 @@ def test_two_workers_share_the_port_survive_a_kill_and_stop_together(
             assert response.status_code == 202
             texts.append(text)
             turn_ids.append(response.json()["turn_id"])
-    wait_for(lambda: all(len(provider.calls_for(text)) == 1 for text in texts))
+            if index % 16 == 15:
+                wait_for(lambda: all(len(provider.calls_for(text)) == 1 for text in texts))
+                if len(running_by_executor()) == 2:
+                    break
+    running = running_by_executor()
     with psycopg.connect(cluster_url) as conn:
-        running = dict(
-            conn.execute(
-                "SELECT executor_id, count(*) FROM dbos.workflow_status "
-                "WHERE status = 'PENDING' GROUP BY executor_id"
-            ).fetchall()
-        )
         connections = conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"

@@ -3,7 +3,9 @@ after a crash stores nothing twice and does not ask the model again."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -348,10 +350,55 @@ async def test_a_turn_that_cannot_start_is_failed_and_ends_its_readers(
         live = streams.live_turn("s")
         assert live is not None
         with pytest.raises(Exception):  # noqa: B017 (whatever DBOS raises)
-            await turns._start_workflow("s", conversation, "1", True, new=True)
+            await turns._start_workflow("s", conversation, "1", True, owner=owner, new=True)
         assert live.events and live.events[-1].type == "error"
         assert streams.live_turn("s") is None
         reply = await store.message("s", "assistant")
         assert reply is not None and reply.status == "failed"
     finally:
         turns.install(None)
+
+
+async def test_queue_rounds_go_round_robin_over_users(store: Store) -> None:
+    """A user's unfinished turns take rounds 1, 2, 3...; another user joins the lowest
+    round still unfinished; a finished turn's round frees the ones after it."""
+    heavy, light = unique("heavy"), unique("light")
+
+    async def queued(owner: str, turn_id: str) -> int:
+        conversation = str(uuid.uuid4())
+        await store.begin_turn(
+            owner=owner,
+            conversation_id=conversation,
+            turn_id=turn_id,
+            content="hi",
+            create_conversation=True,
+        )
+        return await store.queue_round(turn_id, owner)
+
+    assert [await queued(heavy, f"h{i}") for i in range(4)] == [1, 2, 3, 4]
+    assert await queued(light, "l1") == 1
+    assert await queued(light, "l2") == 2
+    # The heavy user's first two are answered: the lowest unfinished round is now 1 (the
+    # light user's), then 3 once that is answered too.
+    await store.finish_reply("h0", content="a", status="complete")
+    await store.finish_reply("h1", content="a", status="complete")
+    assert await queued(heavy, "h5") == 5
+    await store.finish_reply("l1", content="a", status="complete")
+    await store.finish_reply("l2", content="a", status="complete")
+    newcomer = unique("newcomer")
+    assert await queued(newcomer, "n1") == 3  # joins the round being served
+
+
+async def test_one_owners_turns_queued_at_once_get_rounds_of_their_own(store: Store) -> None:
+    owner = unique("burst")
+    turn_ids = [f"{owner}-{i}" for i in range(12)]
+    for turn_id in turn_ids:
+        await store.begin_turn(
+            owner=owner,
+            conversation_id=str(uuid.uuid4()),
+            turn_id=turn_id,
+            content="hi",
+            create_conversation=True,
+        )
+    rounds = await asyncio.gather(*(store.queue_round(t, owner) for t in turn_ids))
+    assert sorted(rounds) == list(range(1, 13))

@@ -6,6 +6,7 @@ the main screen go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
+from tests.api_client import as_user, new_conversation, send
 from tests.conftest import AUTH_MODES, ParleyServer, serve_in_mode, unique
 from tests.fake_provider import FakeProvider, reply_for
 
@@ -305,6 +307,59 @@ def lambda_seconds() -> object:
     import re
 
     return re.compile(r"^\d+\.\d{3} s$")
+
+
+# --- Provider limits -----------------------------------------------------------------
+
+
+def test_a_queued_reply_says_where_it_waits_and_can_be_stopped(
+    browser: Browser, make_server: Callable[..., ParleyServer], provider: FakeProvider
+) -> None:
+    """With one model call at a time, a reply waits its turn and the page says so."""
+    limited = make_server(PARLEY_LLM_CONCURRENCY="1").start()
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    watched = Watched(page, limited.url)
+    provider.hold()
+    try:
+        # Another sailor's reply takes the only slot, and keeps it until released.
+        hog = unique("[hang] the only slot is mine")
+        with as_user(limited.client(), unique("hog")) as http:
+            send(http, new_conversation(http), hog)
+        deadline = time.monotonic() + 15
+        while not provider.calls_for(hog):
+            assert time.monotonic() < deadline, "the first turn never reached the model"
+            time.sleep(0.05)
+
+        sign_in(page, limited)
+        say(page, "[slow:0.05] a message that must wait")
+        waiting = reply(page, 1)
+        expect(waiting.locator(".waiting")).to_have_text(
+            "Waiting for the model (position 1)", timeout=10_000
+        )
+        # A status, not the reply's text.
+        expect(waiting.locator(".content")).to_be_empty()
+        # Stop works while it waits.
+        page.get_by_role("button", name="Stop").click()
+        expect(waiting).to_have_attribute("data-status", "stopped", timeout=10_000)
+        expect(waiting).to_contain_text("Stopped.")
+        expect(waiting.locator(".waiting")).to_have_count(0)
+
+        text = unique("[slow:0.05] a message that waits its turn")
+        say(page, text)
+        queued = reply(page, 2)
+        expect(queued.locator(".waiting")).to_have_text(
+            "Waiting for the model (position 1)", timeout=10_000
+        )
+        provider.release()
+        expect(queued).to_have_attribute("data-status", "complete", timeout=20_000)
+        expect(queued.locator(".content")).to_have_text(reply_for(text))
+        expect(page.get_by_text("Waiting for the model")).to_have_count(0)
+        assert watched.errors == []
+    finally:
+        provider.release()
+        context.close()
 
 
 # --- A restart, and the real model ---------------------------------------------------

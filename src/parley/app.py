@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from parley import __version__, deletion, store, streams, turns
+from parley import __version__, deletion, pacing, store, streams, turns
 from parley.accounts import AccountLimits, Accounts, session_secret
 from parley.api import auth, conversations, health, seed, usage
 from parley.api.bodies import validation_failed
@@ -284,6 +284,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             DBOS.launch()
             stack.callback(DBOS.destroy)
             await turns.end_turns_of_other_versions(executor_id)
+            await pacing.open_queue(settings)
+            pacing.gate().announce = chat_store.announce_pause
+            stack.callback(pacing.close)
             take_over = _take_over(cluster)
             if executor_id.endswith("/0"):
                 # Releases before executor ids had slots ran as "local" (or as the name

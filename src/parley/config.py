@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # doubled after each failed attempt.
     llm_attempts: int = Field(default=5, ge=1, le=20)
     llm_retry_interval: float = Field(default=1.0, ge=0)
+    # The provider's limits, kept across every process and replica: model requests in
+    # flight at once, and started per minute. Turns beyond them wait in a durable queue,
+    # fairly between users (``parley.pacing``). Unset: no limit, and no queue.
+    llm_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    llm_requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
     # Unset: no limit for a provider, 512 tokens for the embedded model.
     max_reply_tokens: int | None = Field(default=None, ge=1)
 

@@ -20,7 +20,7 @@ import time
 
 from dbos import DBOS
 
-from parley import streams
+from parley import pacing, streams, turns
 from parley.memory import Memory
 from parley.store import Deleted, Store
 
@@ -58,7 +58,14 @@ async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
         running = await DBOS.list_workflows_async(
             workflow_ids=batch, status=_ACTIVE, load_input=False, load_output=False
         )
-        if running:
+        # A turn still waiting in the provider's queue (``parley.pacing``) is taken out
+        # rather than waited for: it would not run before its place came. One that
+        # started meanwhile is waited for like any other.
+        queued = [w.workflow_id for w in running if w.status == "ENQUEUED"]
+        cancelled = await pacing.cancel_queued(queued)
+        for turn_id in cancelled:
+            turns.turn_ended(turn_id)
+        if len(cancelled) < len(running):
             return False
     # A turn that ended after its conversation was deleted may have written the memory
     # again (it deletes it again itself, but not across a crash).

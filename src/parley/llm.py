@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import email.utils
 import logging
+import math
 import os
 import random
 import signal
@@ -245,23 +247,34 @@ def is_retryable(error: BaseException) -> bool:
     return False
 
 
+def retry_after(error: BaseException) -> float | None:
+    """The seconds the provider asked for before the next request (``Retry-After``, in
+    seconds or as an HTTP date), if it asked; at most ``MAX_RETRY_AFTER``."""
+    if not isinstance(error, openai.APIStatusError):
+        return None
+    value = error.response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
 def pause_before_retry(error: BaseException, interval: float) -> float:
     """Seconds to wait, on top of the step's exponential backoff, before the next attempt.
 
     The provider's ``Retry-After`` when it gave one; otherwise random jitter up to one
     interval, so that turns failed by one outage do not all retry at the same instant.
     """
-    if isinstance(error, openai.APIStatusError):
-        value = error.response.headers.get("retry-after")
-        try:
-            return (
-                min(max(float(value), 0.0), MAX_RETRY_AFTER)
-                if value
-                else random.uniform(0, interval)
-            )
-        except ValueError:  # an HTTP date: rare enough to treat as "soon"
-            return interval
-    return random.uniform(0, interval)
+    asked = retry_after(error)
+    return asked if asked is not None else random.uniform(0, interval)
 
 
 def describe(error: BaseException) -> str:

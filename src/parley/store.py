@@ -68,10 +68,19 @@ messages = sa.Table(
     sa.Column("epochs", sa.Integer(), nullable=False, server_default="0"),
     # A reader in another process follows this reply: see ``parley.streams``.
     sa.Column("followed_elsewhere", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # The reply's round in the provider's queue, while limits are set (``parley.pacing``).
+    sa.Column("queue_round", sa.Integer(), nullable=True),
     # One user message and one reply per turn: what makes a re-run step harmless.
     sa.UniqueConstraint("turn_id", "role", name="uq_messages_turn_role"),
     # History reads walk one conversation in id order.
     sa.Index("ix_messages_conversation_id", "conversation_id", "id"),
+    # The rounds of the replies still being written, and nothing else.
+    sa.Index(
+        "ix_messages_queue_round",
+        "queue_round",
+        sqlite_where=sa.text("status = 'streaming' AND queue_round IS NOT NULL"),
+        postgresql_where=sa.text("status = 'streaming' AND queue_round IS NOT NULL"),
+    ),
     # One reply in progress per conversation.
     sa.Index(
         "uq_messages_one_streaming",
@@ -544,6 +553,49 @@ class Store:
         async with self.engine.connect() as conn:
             return [(turn_id, _aware(at)) for turn_id, at in await conn.execute(query)]
 
+    async def queue_round(self, turn_id: str, owner: str) -> int:
+        """Give a turn about to be queued its round, and return it (``parley.pacing``):
+        one past the owner's highest among replies still being written, and no lower than
+        the lowest any holds. A turn keeps the round it was given first.
+
+        One statement, which SQLite runs under its write lock; on PostgreSQL, under a lock
+        on the owner for the transaction, so that an owner's turns queued at the same
+        instant still get rounds of their own.
+        """
+        other = messages.alias("other")
+        unfinished = sa.and_(
+            other.c.status == "streaming",
+            other.c.role == "assistant",
+            other.c.queue_round.is_not(None),
+        )
+        lowest = sa.select(sa.func.min(other.c.queue_round)).where(unfinished)
+        owners = (
+            sa.select(sa.func.max(other.c.queue_round))
+            .select_from(other.join(conversations))
+            .where(unfinished, conversations.c.owner == owner)
+        )
+        async with self.engine.begin() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            if postgres:
+                lock = sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"parley-round {owner}"))
+                await conn.execute(sa.select(lock))
+            higher = sa.func.greatest if postgres else sa.func.max
+            queue_round = higher(
+                sa.func.coalesce(lowest.scalar_subquery(), 1),
+                sa.func.coalesce(owners.scalar_subquery(), 0) + 1,
+            )
+            reply = sa.and_(messages.c.turn_id == turn_id, messages.c.role == "assistant")
+            given = await conn.scalar(
+                messages.update()
+                .where(reply, messages.c.queue_round.is_(None))
+                .values(queue_round=queue_round)
+                .returning(messages.c.queue_round)
+            )
+            if given is None:  # it has one already (a retried request), or is gone
+                given = await conn.scalar(sa.select(messages.c.queue_round).where(reply))
+        # A reply gone (its conversation deleted meanwhile): its turn has nothing to do.
+        return int(given) if given is not None else 1
+
     async def delete_conversation(self, owner: str, conversation_id: str) -> Deleted:
         """Delete a conversation of ``owner`` (see ``delete_conversations``)."""
         async with self.engine.begin() as conn:
@@ -672,6 +724,16 @@ class Store:
         """Ask the process writing this reply to put its pieces in the durable stream as
         they come, for a reader here."""
         await self._update_reply_in_progress(turn_id, notify="follow", followed_elsewhere=True)
+
+    async def announce_pause(self, seconds: float) -> None:
+        """Tell every process that the provider asked for a pause (PostgreSQL only: with
+        SQLite there is one process). ``parley.streams.listen`` hears it."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.select(sa.func.pg_notify(REPLY_REQUESTS_CHANNEL, f"pause {seconds:.3f}"))
+            )
 
     async def request_stop(self, turn_id: str) -> None:
         await self._update_reply_in_progress(turn_id, notify="stop", stop_requested=True)

@@ -43,6 +43,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -51,6 +52,7 @@ import psycopg
 from dbos import DBOS
 from dbos import error as dbos_errors
 
+from parley import pacing
 from parley.store import REPLY_REQUESTS_CHANNEL
 
 if TYPE_CHECKING:
@@ -226,6 +228,23 @@ def live_turn(turn_id: str) -> LiveTurn | None:
     return _live.get(turn_id)
 
 
+# Readers waiting for a turn to begin here that was not expected (a queued turn, which
+# whichever process dequeues it first runs): held only while someone waits.
+_arrivals: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+
+
+async def appearance(turn_id: str, within: float) -> bool:
+    """Wait up to ``within`` seconds for a turn to begin in this process; whether it has."""
+    if turn_id in _live:
+        return True
+    arrival = _arrivals.get(turn_id)
+    if arrival is None:
+        arrival = _arrivals[turn_id] = asyncio.Event()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(arrival.wait(), within)
+    return turn_id in _live
+
+
 def expect(turn_id: str) -> None:
     """Register a turn this process is about to run, before any reader can ask for it."""
     _live.setdefault(turn_id, LiveTurn(turn_id))
@@ -244,6 +263,10 @@ def abandon(turn_id: str) -> None:
 def asked_elsewhere(request: str, turn_id: str) -> None:
     """What another process asked of a reply, if this process writes it: ``stop`` it, or
     ``follow`` it (put its pieces in the durable stream for a reader there)."""
+    if request == "pause":  # of the provider's requests, for seconds: ``parley.pacing``
+        with contextlib.suppress(ValueError):
+            pacing.gate().hold(float(turn_id))
+        return
     live = _live.get(turn_id)
     if live is None:
         return
@@ -285,6 +308,8 @@ class TurnWriter:
 
     def __post_init__(self) -> None:
         self.live = _live.setdefault(self.turn_id, LiveTurn(self.turn_id))
+        if (arrival := _arrivals.pop(self.turn_id, None)) is not None:
+            arrival.set()
         self.live.begin(self.epoch)
         self.live.writer = self
         self._step = _current_step()
@@ -413,7 +438,8 @@ async def listen(
     conninfo: str, *, connect_timeout: float = 10.0, longest_pause: float = 5.0
 ) -> None:
     """Hear, at once, what other processes ask of the replies this one writes: the
-    notifications ``Store.follow_elsewhere`` and ``Store.request_stop`` send on PostgreSQL.
+    notifications ``Store.follow_elsewhere`` and ``Store.request_stop`` send on PostgreSQL
+    (and ``Store.announce_pause``'s, of the provider's requests).
 
     One connection of its own (``conninfo``, a libpq URL), in autocommit, listening. When
     the database goes away it connects again, after a pause that doubles up to

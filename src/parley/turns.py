@@ -30,17 +30,19 @@ import hashlib
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dbos import DBOS, SetWorkflowID, StepOptions, WorkflowHandleAsync
+import openai
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, StepOptions, WorkflowHandleAsync
 from dbos import error as dbos_errors
 
-from parley import llm, streams
+from parley import llm, pacing, streams
 from parley.config import Settings
-from parley.memory import Memory
+from parley.memory import Memory, Reply
 from parley.store import (
     ConversationBusy,
     ConversationNotFound,
@@ -158,7 +160,9 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
     parts = services()
     if not stream:
         try:
-            reply = await parts.memory.reply(conversation_id, turn_id, text)
+            reply = await _paced(
+                turn_id, lambda: parts.memory.reply(conversation_id, turn_id, text)
+            )
         except llm.PROVIDER_ERRORS as error:
             await _before_retry(error)
             raise
@@ -180,11 +184,40 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
             await writer.token(text_so_far)
         return {"text": text_so_far, "stopped": True, "tail": writer.tail()}
     try:
-        reply = await parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+        reply = await _paced(
+            turn_id, lambda: parts.memory.reply(conversation_id, turn_id, text, sink=writer)
+        )
     except llm.PROVIDER_ERRORS as error:
         await _before_retry(error)
         raise
     return {"text": reply.text, "stopped": reply.stopped, "tail": writer.tail()}
+
+
+# When each turn in this process was first refused with 429, so that the step's retries
+# share one time budget.
+_refused_since: dict[str, float] = {}
+
+
+async def _paced(turn_id: str, ask: Callable[[], Awaitable[Reply]]) -> Reply:
+    """``ask()`` through the gate to the provider (``parley.pacing``); refused with 429,
+    asked again when the gate opens, within the turn's time budget, without using up an
+    attempt. Nothing was written of a refused reply, so asking again is asking anew."""
+    gate = pacing.gate()
+    settings = services().settings
+    while True:
+        async with gate.request():
+            try:
+                reply = await ask()
+            except openai.RateLimitError as error:
+                pause = llm.retry_after(error) or pacing.DEFAULT_PAUSE
+                await gate.refused(min(pause, pacing.MAX_PAUSE))
+                since = _refused_since.setdefault(turn_id, time.monotonic())
+                if time.monotonic() + pause - since > settings.llm_timeout * settings.llm_attempts:
+                    raise
+                continue
+        await gate.answered()
+        _refused_since.pop(turn_id, None)
+        return reply
 
 
 async def _before_retry(error: BaseException) -> None:
@@ -298,6 +331,8 @@ async def chat_turn(conversation_id: str, stream: bool) -> dict[str, Any]:
         return {"status": status, "error": None}
     finally:
         _texts.pop(turn_id, None)
+        _refused_since.pop(turn_id, None)
+        turn_ended(turn_id)
         _running.discard(turn_id)
         if not _running:
             _idle.set()
@@ -363,7 +398,7 @@ async def start_turn(
             if earlier.reply_status != "streaming":
                 return earlier.turn_id, None
             return earlier.turn_id, await _start_workflow(
-                earlier.turn_id, conversation_id, text, stream, new=False
+                earlier.turn_id, conversation_id, text, stream, owner=owner, new=False
             )
         turn_id = new_turn_id()
         try:
@@ -386,20 +421,18 @@ async def start_turn(
                 raise
             await _wait_for(busy.turn_id)
             continue
-        return turn_id, await _start_workflow(turn_id, conversation_id, text, stream, new=True)
+        return turn_id, await _start_workflow(
+            turn_id, conversation_id, text, stream, owner=owner, new=True
+        )
 
 
 async def _wait_for(turn_id: str) -> None:
     """Wait for the turn in the way to end; a moment, if it has no workflow (yet)."""
-    try:
-        handle = await DBOS.retrieve_workflow_async(turn_id) if turn_id else None
-    except dbos_errors.DBOSNonExistentWorkflowError:
-        handle = None
-    if handle is None:
+    status = await DBOS.get_workflow_status_async(turn_id) if turn_id else None
+    if status is None:
         await asyncio.sleep(0.2)
         return
-    with contextlib.suppress(Exception):  # its failure is its own client's news
-        await handle.get_result()
+    await _until_ended(turn_id)
 
 
 async def _is_orphan(busy: ConversationBusy) -> bool:
@@ -419,19 +452,28 @@ async def _is_orphan(busy: ConversationBusy) -> bool:
 
 
 async def _start_workflow(
-    turn_id: str, conversation_id: str, text: str, stream: bool, *, new: bool
+    turn_id: str, conversation_id: str, text: str, stream: bool, *, owner: str, new: bool
 ) -> WorkflowHandleAsync[dict[str, Any]]:
-    """Start a stored turn's workflow (or join it, if it exists).
+    """Start a stored turn's workflow (or join it, if it exists): at once, or, while the
+    provider's limits are set, on their queue, in the owner's next round
+    (``parley.pacing``).
 
     If it cannot be started, its readers here are told, and its reply is failed rather
     than left "being written" for ever.
     """
-    if new:
+    queue = pacing.queue()
+    if new and queue is None:
+        # It runs here: hand it its text, and its readers here the live turn. (A queued
+        # turn runs in whichever process starts it first.)
         _texts[turn_id] = text  # a workflow that exists already runs, or ran, elsewhere
         if stream:
             streams.expect(turn_id)
     _starting.add(turn_id)
     try:
+        if queue is not None:
+            queue_round = await services().store.queue_round(turn_id, owner)
+            with SetWorkflowID(turn_id), SetEnqueueOptions(priority=queue_round):
+                return await queue.enqueue_async(chat_turn, conversation_id, stream)
         with SetWorkflowID(turn_id):
             return await DBOS.start_workflow_async(chat_turn, conversation_id, stream)
     except BaseException:
@@ -471,7 +513,7 @@ async def run_turn(
     if handle is not None:
         _replies[turn_id] = None
         try:
-            await handle.get_result()
+            await _result(turn_id, handle)
             reply = _replies.get(turn_id)
         finally:
             _replies.pop(turn_id, None)
@@ -482,6 +524,55 @@ async def run_turn(
     if reply.status == "failed":
         raise TurnFailed(reply.error or "The turn failed.")
     return reply.content
+
+
+# The turns that requests here wait for, each until it ends: set by the turn's workflow
+# when it ends here. Held only while someone waits.
+_ended: weakref.WeakValueDictionary[str, asyncio.Event] = weakref.WeakValueDictionary()
+
+
+async def _until_ended(turn_id: str) -> None:
+    """Wait until a turn's workflow has ended, or is gone (deleted with its conversation).
+
+    A turn that runs here says so at once. One that may run elsewhere (queued, or in the
+    way in its conversation) is looked at now and then as well: at once would cost a
+    query a second per waiting request, and only PostgreSQL has other processes.
+    """
+    ended = _ended.get(turn_id)
+    if ended is None:
+        ended = _ended[turn_id] = asyncio.Event()
+    every = 1.0 if services().settings.uses_postgres else 5.0
+    while not ended.is_set():
+        status = await DBOS.get_workflow_status_async(turn_id)
+        if status is None or status.status not in ("PENDING", "ENQUEUED"):
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ended.wait(), every)
+
+
+async def _result(turn_id: str, handle: WorkflowHandleAsync[dict[str, Any]]) -> None:
+    """Wait for a turn's workflow to end: a turn started here, on its handle; a queued
+    one, whose handle could only poll the database, as ``_until_ended`` does."""
+    if pacing.queue() is None:
+        await handle.get_result()
+    else:
+        await _until_ended(turn_id)
+
+
+async def stop_queued(turn_id: str) -> bool:
+    """Stop a turn still waiting in the queue: out of the queue, its reply stored as
+    stopped with nothing written, the model never asked; whether it was waiting."""
+    if turn_id not in await pacing.cancel_queued([turn_id]):
+        return False
+    await services().store.finish_reply(turn_id, content="", status="stopped")
+    turn_ended(turn_id)
+    return True
+
+
+def turn_ended(turn_id: str) -> None:
+    """Tell the requests here that wait for a turn that it has ended."""
+    if (ended := _ended.get(turn_id)) is not None:
+        ended.set()
 
 
 async def end_turns_of_other_versions(

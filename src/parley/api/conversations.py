@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from dbos import DBOS
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi import status as http_status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 
-from parley import deletion, streams, turns
+from parley import deletion, pacing, streams, turns
 from parley.api.bodies import CheckedRoute
 from parley.api.identity import User
 from parley.api.validation import (
@@ -413,17 +414,52 @@ async def stream_turn(
 ) -> EventStream:
     """The turn's reply as Server-Sent Events.
 
-    ``token`` events carry pieces of text; ``reset`` says the model is answering again
-    and the text so far is void; the stream ends with ``done`` or ``stopped`` (the final
-    message) or ``error`` (a sentence for a person). Reconnecting with ``Last-Event-ID``
-    (or ``?after=``) continues right after that event; a finished turn replays whole.
+    ``queued`` events (no id) say where a turn waiting for the provider's limits stands
+    (``{"position": 1}`` is next); ``token`` events carry pieces of text; ``reset`` says
+    the model is answering again and the text so far is void; the stream ends with
+    ``done`` or ``stopped`` (the final message) or ``error`` (a sentence for a person).
+    Reconnecting with ``Last-Event-ID`` (or ``?after=``) continues right after that
+    event; a finished turn replays whole.
     """
     parts = turns.services()
+    frames = _frames(turn, after)
     if turn.reply_status == "streaming" and streams.live_turn(turn.turn_id) is None:
-        # Another process writes this reply, and puts its pieces in the durable stream as
-        # they come only while someone elsewhere follows it.
-        await parts.store.follow_elsewhere(turn.turn_id)
-    return EventStream(_with_pings(_frames(turn, after), parts.settings.stream_ping_seconds))
+        paced = pacing.queue() is not None
+        if paced and (place := await pacing.positions.of(turn.turn_id)):
+            frames = _queued_then(turn, after, place)
+        elif not (paced and await _started_here(turn.turn_id)):
+            # Another process writes this reply, and puts its pieces in the durable
+            # stream as they come only while someone elsewhere follows it.
+            await parts.store.follow_elsewhere(turn.turn_id)
+    return EventStream(_with_pings(frames, parts.settings.stream_ping_seconds))
+
+
+async def _queued_then(turn: Turn, after: streams.EventId, place: int) -> AsyncIterator[bytes]:
+    """A queued turn's stream: ``queued`` events, each with the turn's place in the queue
+    (1: next to start), whenever it changes; then, once the turn has started, its reply."""
+    turn_id = turn.turn_id
+    shown = None
+    position: int | None = place
+    while position is not None:
+        if position != shown:
+            shown = position
+            yield format_sse_event(data_str=json.dumps({"position": position}), event="queued")
+        if await streams.appearance(turn_id, pacing.POSITION_SECONDS):
+            break  # it started here
+        position = await pacing.positions.of(turn_id)
+    if streams.live_turn(turn_id) is None and not await _started_here(turn_id):
+        await turns.services().store.follow_elsewhere(turn_id)
+    async for frame in _frames(turn, after):
+        yield frame
+
+
+async def _started_here(turn_id: str) -> bool:
+    """Whether a queued turn that has left the queue runs in this process: it has a live
+    turn here as soon as its model step begins."""
+    status = await DBOS.get_workflow_status_async(turn_id)
+    if status is None or status.status != "PENDING" or status.executor_id != DBOS.executor_id:
+        return False
+    return await streams.appearance(turn_id, 5.0)
 
 
 def _frame(event: streams.Event) -> bytes:
@@ -495,4 +531,6 @@ async def cancel_turn(turn: OwnedTurn) -> TurnState:
         return TurnState(turn_id=turn.turn_id, status=turn.reply_status)  # type: ignore[arg-type]
     await turns.services().store.request_stop(turn.turn_id)
     streams.request_stop_here(turn.turn_id)
+    if await turns.stop_queued(turn.turn_id):
+        return TurnState(turn_id=turn.turn_id, status="stopped")
     return TurnState(turn_id=turn.turn_id, status="stopping")

@@ -205,7 +205,18 @@ function follow(turnId, item, userText) {
       item.scrollIntoView({ block: "end" });
     });
   };
+  // While the turn waits for the model (provider limits), a note says where it stands:
+  // a status beside the reply, never part of it.
+  const waiting = (position) => {
+    item.querySelector(".waiting")?.remove();
+    if (position === null || turn.text) return;
+    const note = document.createElement("p");
+    note.className = "waiting";
+    note.textContent = `Waiting for the model (position ${position})`;
+    content.after(note);
+  };
   const end = () => {
+    waiting(null);
     source.close();
     if (state.turn === turn) {
       state.turn = null;
@@ -216,11 +227,14 @@ function follow(turnId, item, userText) {
   };
 
   source.addEventListener("open", () => connection(null));
+  source.addEventListener("queued", (event) => waiting(JSON.parse(event.data).position));
   source.addEventListener("token", (event) => {
+    waiting(null);
     turn.text += JSON.parse(event.data).text;
     paint();
   });
   source.addEventListener("reset", () => {
+    waiting(null);
     turn.text = "";
     paint();
     connection("The model is answering again…");
