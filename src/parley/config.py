@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # fairly between users (``parley.pacing``). Unset: no limit, and no queue.
     llm_concurrency: int | None = Field(default=None, ge=1, le=100_000)
     llm_requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
+    # While limits are set: how often each process looks for queued turns it may start.
+    # A turn waits up to this long past the moment it could start; each look costs the
+    # process some CPU even when nothing waits.
+    llm_queue_poll_seconds: float = Field(default=0.25, ge=0.01, le=10)
     # Unset: no limit for a provider, 512 tokens for the embedded model.
     max_reply_tokens: int | None = Field(default=None, ge=1)
 

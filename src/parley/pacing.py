@@ -48,11 +48,9 @@ logger = logging.getLogger("parley.pacing")
 
 QUEUE = "parley-model"
 
-# How often each process looks for queued turns it may start, while limits are set: a
-# turn waits up to this long past the moment it could start. Without limits no turn is
-# queued (only turns left queued by an earlier run with limits), so the queue is looked
-# at rarely.
-POLL_SECONDS = 0.1
+# Without limits no turn is queued (only turns left queued by an earlier run with
+# limits), so the queue is looked at rarely; with them, every
+# ``PARLEY_LLM_QUEUE_POLL_SECONDS``.
 IDLE_POLL_SECONDS = 2.0
 
 # DBOS counts a minute's turn starts by the database's clock (to the second, on SQLite
@@ -92,7 +90,9 @@ async def open_queue(settings: Settings) -> None:
         QUEUE,
         global_concurrency=settings.llm_concurrency,
         limiter={"limit": per_minute, "period": MINUTE_SECONDS} if per_minute else None,
-        polling_interval_sec=POLL_SECONDS if paced(settings) else IDLE_POLL_SECONDS,
+        polling_interval_sec=(
+            settings.llm_queue_poll_seconds if paced(settings) else IDLE_POLL_SECONDS
+        ),
         # A process without limits leaves those of others as they are.
         on_conflict="always_update" if paced(settings) else "never_update",
     )
