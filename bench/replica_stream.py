@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,18 +34,13 @@ from pathlib import Path
 import httpx2
 import psutil
 
-from _support import cpu_seconds, fake_provider, parley, storage, summary
+from _support import ROOT, cpu_seconds, fake_provider, parley, storage, summary
+
+# The fake provider's replies and their pieces, as the tests know them.
+sys.path.insert(0, str(ROOT))
+from tests.fake_provider import reply_for, word_ends
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/parley_bench_replicas"
-
-
-def word_ends(reply: str) -> list[int]:
-    """Where each of the fake provider's pieces (a word, with the space before it) ends."""
-    ends, offset = [], 0
-    for index, word in enumerate(reply.split(" ")):
-        offset += len(word) + (1 if index else 0)
-        ends.append(offset)
-    return ends
 
 
 async def read(
@@ -96,7 +92,7 @@ async def turn(
     sent.raise_for_status()
     path = sent.json()["stream_url"]
     seen_a, seen_b = await asyncio.gather(read(on_a, path, headers), read(on_b, path, headers))
-    ends = word_ends(f"Arr! You said: {message}")
+    ends = word_ends(reply_for(message))
     return [b - a for a, b in zip(arrivals(seen_a, ends), arrivals(seen_b, ends), strict=True)]
 
 

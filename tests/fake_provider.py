@@ -136,6 +136,15 @@ def reply_for(message: str) -> str:
     return f"Arr! You said: {message}"
 
 
+def word_ends(reply: str) -> list[int]:
+    """Where each piece of a streamed reply ends: a word each, with the space before it."""
+    ends, offset = [], 0
+    for index, word in enumerate(reply.split(" ")):
+        offset += len(word) + (1 if index else 0)
+        ends.append(offset)
+    return ends
+
+
 class FakeProvider:
     def __init__(self, latency: float = 0.0, api_key: str | None = None) -> None:
         self.latency = latency

@@ -23,7 +23,7 @@ import pytest
 from parley import streams
 from tests.api_client import Sse, as_user, messages, new_conversation, send, stream, text_of
 from tests.conftest import QUICK_RETRIES, ParleyServer, PostgresDatabases, unique
-from tests.fake_provider import FakeProvider, reply_for
+from tests.fake_provider import FakeProvider, reply_for, word_ends
 
 # --- The writer, without a server ------------------------------------------------------
 
@@ -212,15 +212,6 @@ def piece_arrivals(timed: list[tuple[float, Sse]], ends: list[int]) -> list[floa
                 arrivals.append(at)
     assert len(arrivals) == len(ends)
     return arrivals
-
-
-def word_ends(reply: str) -> list[int]:
-    """The fake provider's pieces: a word each, with the space before it."""
-    ends, offset = [], 0
-    for index, word in enumerate(reply.split(" ")):
-        offset += len(word) + (1 if index else 0)
-        ends.append(offset)
-    return ends
 
 
 @pytest.mark.postgres
