@@ -95,6 +95,11 @@ def messages(http: httpx.Client, conversation: str) -> list[dict[str, Any]]:
     return response.json()["messages"]
 
 
+def stored(http: httpx.Client, conversation: str) -> list[tuple[str, str, str]]:
+    """The conversation's messages as ``(role, content, status)``."""
+    return [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]
+
+
 def stream_stopping(
     http: httpx.Client, turn_id: str, *, stopper: httpx.Client | None = None, after: int = 3
 ) -> list[Sse]:

@@ -136,6 +136,16 @@ def reply_for(message: str) -> str:
     return f"Arr! You said: {message}"
 
 
+def answered(texts: list[str]) -> list[tuple[str, str, str]]:
+    """A conversation's messages, as ``tests.api_client.stored`` gives them, once each of
+    ``texts`` was answered, in order."""
+    return [
+        pair
+        for text in texts
+        for pair in (("user", text, "complete"), ("assistant", reply_for(text), "complete"))
+    ]
+
+
 def word_ends(reply: str) -> list[int]:
     """Where each piece of a streamed reply ends: a word each, with the space before it."""
     ends, offset = [], 0
@@ -171,6 +181,12 @@ class FakeProvider:
 
     def calls_for(self, text: str) -> list[Call]:
         return [call for call in self.calls if call.last_user == text]
+
+    def remembered(self, follow_up: str) -> list[str]:
+        """What the model was shown before ``follow_up`` (asked once): the conversation as
+        its memory holds it."""
+        (call,) = self.calls_for(follow_up)
+        return [m["content"] for m in call.messages[1:-1]]
 
     def _refused(self, request: Request) -> Response | None:
         if self.api_key is None or request.headers.get("authorization") == f"Bearer {self.api_key}":

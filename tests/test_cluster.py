@@ -23,9 +23,17 @@ import psutil
 import psycopg
 import pytest
 
-from tests.api_client import Sse, as_user, messages, new_conversation, send_and_finish, stream
+from tests.api_client import (
+    Sse,
+    as_user,
+    messages,
+    new_conversation,
+    send_and_finish,
+    stored,
+    stream,
+)
 from tests.conftest import ParleyServer, unique, unpack_release
-from tests.fake_provider import FakeProvider, reply_for
+from tests.fake_provider import FakeProvider, answered, reply_for
 from tests.test_durability import wait_for
 
 # Dead after 9 s: heartbeats every 1.5 s, taken for dead after 6 s without one.
@@ -107,12 +115,6 @@ class Balancer:
         return events
 
 
-def remembered(provider: FakeProvider, follow_up: str) -> list[str]:
-    """What the model was shown before ``follow_up``: the conversation as it remembers it."""
-    (call,) = provider.calls_for(follow_up)
-    return [m["content"] for m in call.messages[1:-1]]
-
-
 def test_three_replicas_finish_every_turn_of_one_that_dies_for_good(
     make_server: Callable[..., ParleyServer], cluster_url: str, provider: FakeProvider
 ) -> None:
@@ -189,14 +191,10 @@ def test_three_replicas_finish_every_turn_of_one_that_dies_for_good(
     for user, conversation, texts, endings in finished:
         assert endings == ["done"] * turns_each
         http = as_user(servers[1].client(), user)
-        stored = [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]
-        expected = []
-        for text in texts:
-            expected += [("user", text, "complete"), ("assistant", reply_for(text), "complete")]
-        assert stored == expected
+        assert stored(http, conversation) == answered(texts)
         follow_up = unique("and?")
         send_and_finish(http, conversation, follow_up)
-        assert remembered(provider, follow_up) == [
+        assert provider.remembered(follow_up) == [
             part for text in texts for part in (text, reply_for(text))
         ]
         for text in texts:
@@ -243,7 +241,7 @@ def test_a_paused_replica_is_taken_over_and_writes_nothing_when_it_wakes(
 
     third = unique("third")
     send_and_finish(on_survivor, conversation, third)
-    assert remembered(provider, third) == [first, reply_for(first), second, reply_for(second)]
+    assert provider.remembered(third) == [first, reply_for(first), second, reply_for(second)]
     stored = [(m["role"], m["content"]) for m in messages(on_survivor, conversation)]
     assert stored == [
         ("user", first),
@@ -524,5 +522,5 @@ def test_a_rolling_upgrade_finishes_the_old_versions_turns_on_the_new_one(
     assert "taking over the turns of processes with no heartbeat: old-replica" in new.log()
     follow_up = unique("after the deploy")
     send_and_finish(on_new, conversation, follow_up)
-    assert remembered(provider, follow_up) == [text, reply_for(text)]
+    assert provider.remembered(follow_up) == [text, reply_for(text)]
     wait_for(lambda: pending_turns(cluster_url) == 0)

@@ -19,11 +19,12 @@ from tests.api_client import (
     new_conversation,
     send,
     send_and_finish,
+    stored,
     stream,
     text_of,
 )
 from tests.conftest import BACKENDS, ParleyServer, unique
-from tests.fake_provider import FakeProvider, reply_for
+from tests.fake_provider import FakeProvider, answered, reply_for
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -242,17 +243,13 @@ def test_every_accepted_turn_finishes_once_through_a_crash_loop(
     assert any(start < kill < end for kill in kills for start, end in spans.values())
     for user, conversation, texts in results:
         with as_user(server.client(), user) as http:
-            stored = [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]
-            expected = []
-            for text in texts:
-                expected += [("user", text, "complete"), ("assistant", reply_for(text), "complete")]
-            assert stored == expected
+            assert stored(http, conversation) == answered(texts)
             # The model remembers each turn once, in order.
             follow_up = unique("and?")
             send_and_finish(http, conversation, follow_up)
-        (call,) = provider.calls_for(follow_up)
-        remembered = [m["content"] for m in call.messages[1:-1]]
-        assert remembered == [part for text in texts for part in (text, reply_for(text))]
+        assert provider.remembered(follow_up) == [
+            part for text in texts for part in (text, reply_for(text))
+        ]
     # A turn is asked again only when a kill caught it in flight.
     for text, (start, end) in spans.items():
         caught = sum(start < kill < end for kill in kills)

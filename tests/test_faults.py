@@ -16,12 +16,13 @@ from tests.api_client import (
     messages,
     new_conversation,
     send,
+    stored,
     stream,
     text_of,
     wait_for_status,
 )
 from tests.conftest import ParleyServer, free_port, unique
-from tests.fake_provider import FakeProvider, Faults, reply_for
+from tests.fake_provider import FakeProvider, Faults, answered, reply_for
 
 # Patient enough for 30% of calls to fail, quick enough for a test; a hang is a timeout.
 PATIENT = {
@@ -66,11 +67,7 @@ def test_turns_complete_through_30_percent_provider_faults(
     assert set(faults.dealt) == {"500", "429", "timeout", "drop"}
     with as_user(server.client(), user) as http:
         for conversation, texts in results:
-            stored = [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]
-            expected = []
-            for text in texts:
-                expected += [("user", text, "complete"), ("assistant", reply_for(text), "complete")]
-            assert stored == expected
+            assert stored(http, conversation) == answered(texts)
             # The model's memory of the conversation: every turn once, in order.
             (last,) = [c for c in provider.calls_for(texts[-1]) if c.fault is None]
             shown = [m["content"] for m in last.messages[1:]]
