@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from dbos import DBOS, Queue
 from dbos._dbos import _get_dbos_instance as _dbos_instance
 
+from parley import llm
 from parley.config import Settings
 
 logger = logging.getLogger("parley.pacing")
@@ -62,8 +63,6 @@ MINUTE_SECONDS = 62.0
 # The gate's minute: the provider's, plus the little a request takes to reach it.
 SENT_MINUTE_SECONDS = 60.5
 
-# The longest Retry-After Parley honours; a provider asking for more is asked again then.
-MAX_PAUSE = 60.0
 # After this long without a refusal, the gate opens fully again: the refusals were a
 # passing squeeze (another client's burst), and narrowing for good would throttle chats
 # the provider would take.
@@ -231,7 +230,6 @@ class Gate:
         self._closed_until = 0.0
         self._refused_at = -math.inf
         self._changed = asyncio.Condition()
-        self.refusals = 0
         # Tells the other processes of a pause (``Store.announce_pause``).
         self.announce: Callable[[float], Awaitable[None]] | None = None
 
@@ -285,7 +283,6 @@ class Gate:
 
     async def refused(self, pause: float) -> None:
         """The provider answered 429 and asked for ``pause`` seconds."""
-        self.refusals += 1
         now = time.monotonic()
         self._refused_at = now
         first = now >= self._closed_until
@@ -312,7 +309,8 @@ class Gate:
         narrowing (this process's own requests were not refused). Requests waiting wake
         at their own time and find it closed longer."""
         if math.isfinite(pause) and pause > 0:
-            self._closed_until = max(self._closed_until, time.monotonic() + min(pause, MAX_PAUSE))
+            longest = min(pause, llm.MAX_RETRY_AFTER)
+            self._closed_until = max(self._closed_until, time.monotonic() + longest)
 
     async def _wake(self) -> None:
         # Waiters wake on their own when a pause ends; a change of width or of the pause

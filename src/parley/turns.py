@@ -210,7 +210,7 @@ async def _paced(turn_id: str, ask: Callable[[], Awaitable[Reply]]) -> Reply:
                 reply = await ask()
             except openai.RateLimitError as error:
                 pause = llm.retry_after(error) or pacing.DEFAULT_PAUSE
-                await gate.refused(min(pause, pacing.MAX_PAUSE))
+                await gate.refused(pause)  # at most llm.MAX_RETRY_AFTER
                 since = _refused_since.setdefault(turn_id, time.monotonic())
                 if time.monotonic() + pause - since > settings.llm_timeout * settings.llm_attempts:
                     raise
