@@ -11,9 +11,16 @@ const version = (name) =>
   JSON.parse(readFileSync(join(root, "node_modules", name, "package.json"), "utf8")).version;
 
 const swagger = version("swagger-ui-dist");
+const hljs = version("@highlightjs/cdn-assets");
 const files = [
   ["marked", "lib/marked.esm.js", `marked-${version("marked")}.esm.js`],
   ["dompurify", "dist/purify.es.mjs", `purify-${version("dompurify")}.es.mjs`],
+  // highlight.js, for code blocks: its ES module build with the common languages, and a
+  // light and a dark theme (index.html picks one by the system's colour scheme).
+  ["@highlightjs/cdn-assets", "es/highlight.min.js", `highlight-${hljs}.min.js`],
+  ["@highlightjs/cdn-assets", "LICENSE", `highlight-${hljs}.LICENSE.txt`],
+  ["@highlightjs/cdn-assets", "styles/github.min.css", `highlight-github-${hljs}.css`],
+  ["@highlightjs/cdn-assets", "styles/github-dark.min.css", `highlight-github-dark-${hljs}.css`],
   // Swagger UI, for the interactive API docs at /docs (src/parley/web/docs.html).
   ["swagger-ui-dist", "swagger-ui-bundle.js", `swagger-ui-bundle-${swagger}.js`],
   ["swagger-ui-dist", "swagger-ui-bundle.js.LICENSE.txt", `swagger-ui-bundle-${swagger}.js.LICENSE.txt`],

@@ -95,6 +95,11 @@ def messages(http: httpx.Client, conversation: str) -> list[dict[str, Any]]:
     return response.json()["messages"]
 
 
+def as_streamed(message: dict[str, Any]) -> dict[str, Any]:
+    """A listed message as a stream's final event carries it: without its versions."""
+    return {key: value for key, value in message.items() if key != "siblings"}
+
+
 def stored(http: httpx.Client, conversation: str) -> list[tuple[str, str, str]]:
     """The conversation's messages as ``(role, content, status)``."""
     return [(m["role"], m["content"], m["status"]) for m in messages(http, conversation)]

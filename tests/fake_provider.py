@@ -12,7 +12,9 @@ directives:
 - ``[malformed]``: answer 200 with a web page, streamed or not, as a base URL that points
   at a web server would;
 - ``[echo-key:CODE]``: answer HTTP CODE with an error that quotes the request's
-  ``Authorization`` header, as some providers do with a key they refuse.
+  ``Authorization`` header, as some providers do with a key they refuse;
+- ``[nth]``: end the reply with `` (take N)``, N counting the calls with this message,
+  so that a regenerated reply differs from the one before (``take_for``).
 
 ``GET /v1/models`` lists the one model. A provider made with ``api_key`` refuses (401)
 requests that do not carry that key, on both routes.
@@ -45,7 +47,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-_DIRECTIVE = re.compile(r"\[(hang|fail|fail-once|delay|slow|malformed|echo-key)(?::([0-9.]+))?\]")
+_DIRECTIVE = re.compile(
+    r"\[(hang|fail|fail-once|delay|slow|malformed|echo-key|nth)(?::([0-9.]+))?\]"
+)
 
 
 @dataclass
@@ -134,6 +138,11 @@ class DroppedConnection(Exception):
 
 def reply_for(message: str) -> str:
     return f"Arr! You said: {message}"
+
+
+def take_for(message: str, take: int) -> str:
+    """The reply to an ``[nth]`` message the ``take``-th time the model is asked it."""
+    return f"{reply_for(message)} (take {take})"
 
 
 def answered(texts: list[str]) -> list[tuple[str, str, str]]:
@@ -268,6 +277,8 @@ class FakeProvider:
         if self.latency:
             await asyncio.sleep(self.latency)
         content = reply_for(text)
+        if "[nth]" in text:
+            content = take_for(text, len(self.calls_for(text)))
         model = body.get("model", "fake")
         if call.stream:
             pause = next(

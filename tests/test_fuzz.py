@@ -150,16 +150,21 @@ class Caller:
             "conversation_id": self.conversation,
             "turn_id": f"turn-{uuid.uuid4()}",
             "token_id": "1",
+            "message_id": "1",
             # /history/{username} is the caller's; /api/admin/users/{username} nobody's.
             "username": self.name if path.startswith("/history") else unique("nobody"),
         }[name]
 
     def body(self, path: str, method: str) -> dict[str, Any]:
-        """A valid body for the operation, to put one bad value into."""
+        """A valid body for the operation (its required fields), to put one bad value
+        into."""
         operation = SPEC["paths"][path][method.lower()]
         schema = _resolve(operation["requestBody"]["content"]["application/json"]["schema"])
         body: dict[str, Any] = {}
+        required = set(schema.get("required", []))
         for name, field in schema.get("properties", {}).items():
+            if name not in required:
+                continue
             kind = _resolve(field).get("type")
             body[name] = (
                 True

@@ -255,17 +255,29 @@ def test_deleted_text_is_in_no_table_of_any_database(
     assert erin.signup().status_code == 201
     csrf = {"X-CSRF-Token": erin.http.cookies["parley_csrf"]}
     chatted, streamed, failed, unfinished = secret(), secret(), secret(), secret()
+    edited = secret()
     assert _chat(erin, f"{chatted} once", key="k1").status_code == 200
     conversation = erin.change("POST", "/api/conversations").json()["id"]
     list(stream(erin.http, send(erin.http, conversation, f"{streamed} twice", **csrf)))
     list(stream(erin.http, send(erin.http, conversation, f"[fail:400] {failed}", **csrf)))
+    # Other branches: a regenerated reply, and an edited message with its reply.
+    path = f"/api/conversations/{conversation}/messages"
+    asked, reply = erin.http.get(path).json()["messages"][:2]
+    again = erin.http.post(f"{path}/{reply['id']}/regenerate", headers=csrf)
+    assert again.status_code == 202, again.text
+    list(stream(erin.http, again.json()["turn_id"]))
+    changed = erin.http.post(
+        path, json={"content": f"{edited} edited", "replaces": asked["id"]}, headers=csrf
+    )
+    assert changed.status_code == 202, changed.text
+    list(stream(erin.http, changed.json()["turn_id"]))
     other = erin.change("POST", "/api/conversations").json()["id"]
     # A reply still being written when its conversation goes.
     slow = send(erin.http, other, f"[slow:0.2] {unfinished} " + "word " * 100, **csrf)
     for event in stream(erin.http, slow):
         if event.event == "token":
             break
-    for needle in (chatted, streamed):
+    for needle in (chatted, streamed, edited):
         assert places_holding(server, needle), "the test looks in the wrong places"
 
     if how == "conversation":
@@ -275,7 +287,7 @@ def test_deleted_text_is_in_no_table_of_any_database(
             assert erin.change("DELETE", f"/api/conversations/{item['id']}").status_code == 204
     else:
         assert admin.change("DELETE", f"/api/admin/users/{erin.name}").status_code == 204
-    wait_until_gone(server, [chatted, streamed, failed, unfinished])
+    wait_until_gone(server, [chatted, streamed, failed, unfinished, edited])
     # A key used in a deleted conversation names nothing now.
     if how == "conversation":
         again = _chat(erin, "hi", key="k1")

@@ -21,7 +21,16 @@ import psycopg
 import pytest
 
 from parley import streams
-from tests.api_client import Sse, as_user, messages, new_conversation, send, stream, text_of
+from tests.api_client import (
+    Sse,
+    as_streamed,
+    as_user,
+    messages,
+    new_conversation,
+    send,
+    stream,
+    text_of,
+)
 from tests.conftest import QUICK_RETRIES, ParleyServer, PostgresDatabases, unique
 from tests.fake_provider import FakeProvider, reply_for, word_ends
 
@@ -284,7 +293,7 @@ def stop_through_b(on_a: httpx.Client, on_b: httpx.Client) -> float:
     final = last.data["message"]
     assert final["status"] == "stopped"
     assert reply_for(question).startswith(final["content"])
-    assert messages(on_b, conversation)[-1] == final
+    assert as_streamed(messages(on_b, conversation)[-1]) == final
     return stopped_at - asked_at
 
 

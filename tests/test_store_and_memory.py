@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from parley.config import Settings
@@ -231,14 +232,17 @@ async def test_forgetting_a_failed_turn_leaves_the_rest(
 ) -> None:
     kept, failed = unique("kept"), unique("[fail:400] failed")
     async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
-        await memory.reply("conv", "turn-1", kept)
+        first = await memory.reply("conv", "turn-1", kept)
+        asked = [HumanMessage(kept, id="turn-1:user"), AIMessage(first.text, id="turn-1:assistant")]
         with pytest.raises(Exception, match="400"):
-            await memory.reply("conv", "turn-2", failed)
-        assert len(await memory.messages("conv")) == 3
+            await memory.reply("conv", "turn-2", failed, history=asked)
         await memory.forget("conv", "turn-2")
         await memory.forget("conv", "turn-2")  # nothing left to forget: no error
         remembered = await memory.messages("conv")
+        state = await memory.graph.aget_state({"configurable": {"thread_id": "conv"}})
     assert [m.text for m in remembered] == [kept, reply_for(kept)]
+    # Nothing of the failed turn is kept anywhere in the conversation's state.
+    assert failed not in repr(state.values)
 
 
 async def test_the_model_sees_and_memory_keeps_a_bounded_window(
@@ -247,8 +251,13 @@ async def test_the_model_sees_and_memory_keeps_a_bounded_window(
     settings.memory_max_messages = 4
     async with open_chat_model(settings) as model, open_memory(settings, model) as memory:
         texts = [unique(f"m{i}") for i in range(5)]
+        history: list[AnyMessage] = []
         for index, text in enumerate(texts):
-            await memory.reply("conv", f"turn-{index}", text)
+            reply = await memory.reply("conv", f"turn-{index}", text, history=history)
+            history += [
+                HumanMessage(text, id=f"turn-{index}:user"),
+                AIMessage(reply.text, id=f"turn-{index}:assistant"),
+            ]
         remembered = [m.text for m in await memory.messages("conv")]
     (call,) = provider.calls_for(texts[-1])
     shown = [m["content"] for m in call.messages]
@@ -339,6 +348,7 @@ async def test_a_turn_that_cannot_start_is_failed_and_ends_its_readers(
             memory=None,  # type: ignore[arg-type]
             usage=UsageMeter(),
             settings=settings,
+            models=None,  # type: ignore[arg-type]
             alive=alive,
         )
     )
@@ -350,7 +360,7 @@ async def test_a_turn_that_cannot_start_is_failed_and_ends_its_readers(
         live = streams.live_turn("s")
         assert live is not None
         with pytest.raises(Exception):  # noqa: B017 (whatever DBOS raises)
-            await turns._start_workflow("s", conversation, "1", True, owner=owner, new=True)
+            await turns._start_workflow("s", conversation, True, owner=owner, new=True)
         assert live.events and live.events[-1].type == "error"
         assert streams.live_turn("s") is None
         reply = await store.message("s", "assistant")

@@ -6,6 +6,8 @@ the main screen go to ``test-artifacts/``.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from tests.api_client import as_user, new_conversation, send
+from tests.api_client import as_user, new_conversation, send, stream
 from tests.conftest import AUTH_MODES, ParleyServer, serve_in_mode, unique
 from tests.fake_provider import FakeProvider, reply_for
 
@@ -211,6 +213,308 @@ def test_conversations_are_created_switched_renamed_and_deleted(
     expect(items).to_have_text(["Charts of Tortuga"])
 
 
+def test_a_returning_user_lands_on_the_latest_conversation(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    sign_in(page, server)
+    expect(page.locator("#empty")).to_be_visible()  # nothing yet to land on
+    say(page, "Charts of Tortuga")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".message")).to_have_count(0)
+    say(page, "Rum rations")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    latest = page.url
+    page.goto(server.url)  # no ?c=: the latest one opens, and the URL says which
+    expect(page.locator(".message.user .content")).to_have_text(["Rum rations"])
+    expect(page.locator('.conversation-item .open[aria-current="page"]')).to_have_text(
+        "Rum rations"
+    )
+    assert page.url == latest
+    assert watched.errors == []
+
+
+def test_scrolling_back_loads_older_messages_and_conversations(
+    browser: Browser, make_server: Callable[..., ParleyServer]
+) -> None:
+    """More messages and conversations than a page of each: the older ones load as the
+    page is scrolled, each once, in order, and what was on screen stays where it was."""
+    busy = make_server().start()
+    name = unique("logkeeper")
+    texts = [f"entry {i}" for i in range(60)]
+    with as_user(busy.client(), name) as http:
+        for _ in range(69):
+            new_conversation(http)
+        long = new_conversation(http)
+        for text in texts:
+            assert [event.event for event in stream(http, send(http, long, text))][-1] == "done"
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    watched = Watched(page, busy.url)
+    try:
+        sign_in(page, busy, name)
+        # The latest conversation opens at its last page of 50 messages.
+        expect(page).to_have_url(re.compile(rf"\?c={long}$"))
+        messages = page.locator("#messages .message")
+        expect(messages).to_have_count(50)
+        expect(messages.last.locator(".content")).to_have_text(reply_for("entry 59"))
+        view = page.locator("#conversation")
+        for count in (100, 120):
+            top = messages.first.get_attribute("data-id")
+            # Scrolled to the top: where the topmost message was when the scroll began.
+            was = view.evaluate(
+                "view => { view.scrollTop = 0;"
+                " return view.querySelector('.message').getBoundingClientRect().top; }"
+            )
+            expect(messages).to_have_count(count)
+            now = page.locator(f'#messages .message[data-id="{top}"]').bounding_box()
+            assert now is not None and abs(now["y"] - was) < 2
+        assert page.locator(".message.user .content").all_inner_texts() == texts
+        ids = messages.evaluate_all("items => items.map(item => item.dataset.id)")
+        assert len(set(ids)) == 120
+        page.wait_for_timeout(300)
+        expect(messages).to_have_count(120)  # nothing more asked for, nothing repeated
+
+        conversations = page.locator(".conversation-item")
+        expect(conversations).to_have_count(50)
+        page.locator("#conversation-list").evaluate(
+            "list => { list.scrollTop = list.scrollHeight; }"
+        )
+        expect(conversations).to_have_count(70)
+        ids = conversations.evaluate_all("items => items.map(item => item.dataset.id)")
+        assert len(set(ids)) == 70 and ids[0] == long
+        assert watched.errors == []
+    finally:
+        context.close()
+
+
+# --- Copying and code ----------------------------------------------------------------
+
+
+def clipboard(page: Page) -> str:
+    return page.evaluate("navigator.clipboard.readText()")
+
+
+def test_every_message_has_a_copy_button(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    sign_in(page, server)
+    text = "Copy this *exactly*, matey:\n\n- one\n- two"
+    say(page, text)
+    answer = reply(page, 1)
+    expect(answer).to_have_attribute("data-status", "complete")
+    copy = answer.get_by_role("button", name="Copy message")
+    copy.click()
+    expect(copy).to_have_text("Copied")  # "Copy failed" when the clipboard refused it
+    assert clipboard(page) == reply_for(text)  # the Markdown, as written
+    mine = page.locator(".message.user").get_by_role("button", name="Copy message")
+    mine.click()
+    expect(mine).to_have_text("Copied")
+    assert clipboard(page) == text
+
+
+CODE = 'def greet(name):\n    return "<b>" + name  # <script>window.__xss=4</script>\n'
+
+
+def test_code_blocks_are_highlighted_and_copied(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    sign_in(page, server)
+    say(page, f"Some code:\n\n```python\n{CODE}```")
+    answer = reply(page, 1)
+    expect(answer).to_have_attribute("data-status", "complete")
+    code = answer.locator("pre code")
+    expect(code).to_have_class(re.compile(r"\bhljs\b"))
+    expect(code.locator("span.hljs-keyword").first).to_have_text("def")
+    expect(code.locator("span.hljs-string")).to_have_text(['"<b>"'])
+    expect(code.locator("span.hljs-comment")).to_contain_text("<script>")
+    # Highlighting changes the colours, never the text, and makes no markup of it.
+    assert code.text_content() == CODE
+    for tag in ("b", "script"):
+        expect(page.locator(f"#messages {tag}")).to_have_count(0)
+    answer.get_by_role("button", name="Copy code").click()
+    expect(answer.get_by_role("button", name="Copy code")).to_have_text("Copied")
+    assert clipboard(page) == CODE
+    assert page.evaluate("window.__xss") is None
+    assert watched.errors == [] and watched.foreign_requests == []
+
+
+# --- Versions, models and instructions -----------------------------------------------
+
+
+def test_regenerate_makes_a_second_version_and_the_switcher_shows_either(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    sign_in(page, server)
+    text = unique("[slow:0.05] a tale") + " " + " ".join(f"word{i}" for i in range(30))
+    say(page, text)
+    first = reply(page, 1)
+    expect(first.locator(".content")).to_contain_text("word2")
+    page.keyboard.press("Escape")
+    expect(first).to_have_attribute("data-status", "stopped")
+    partial = first.locator(".content").inner_text()
+    assert "word29" not in partial
+    expect(first.locator(".version")).to_have_count(0)
+
+    first.get_by_role("button", name="Regenerate").click()
+    again = reply(page, 1)  # the branch still has one reply: the new version
+    expect(again).to_have_attribute("data-status", "streaming")
+    expect(again.get_by_role("button", name="Regenerate")).to_have_count(0)
+    expect(again).to_have_attribute("data-status", "complete", timeout=20_000)
+    expect(again.locator(".content")).to_have_text(reply_for(text))
+    expect(again.locator(".version")).to_have_text("2/2")
+    expect(page.locator(".message.assistant")).to_have_count(1)
+    expect(again.get_by_role("button", name="Next version")).to_be_disabled()
+
+    again.get_by_role("button", name="Previous version").click()
+    older = reply(page, 1)
+    expect(older.locator(".version")).to_have_text("1/2")
+    expect(older.locator(".content")).to_have_text(partial)
+    expect(older).to_contain_text("Stopped.")
+    expect(older.get_by_role("button", name="Previous version")).to_be_disabled()
+    older.get_by_role("button", name="Next version").click()
+    expect(reply(page, 1).locator(".version")).to_have_text("2/2")
+    expect(reply(page, 1).locator(".content")).to_have_text(reply_for(text))
+
+    # The version shown is the conversation's current branch: a reload keeps it.
+    reply(page, 1).get_by_role("button", name="Previous version").click()
+    expect(reply(page, 1).locator(".version")).to_have_text("1/2")
+    page.reload()
+    expect(reply(page, 1).locator(".version")).to_have_text("1/2")
+    expect(reply(page, 1).locator(".content")).to_have_text(partial)
+    assert watched.errors == []
+
+
+def test_editing_a_message_makes_a_new_version_and_the_model_sees_that_branch(
+    watched: Watched, server: ParleyServer, provider: FakeProvider
+) -> None:
+    page = watched.page
+    sign_in(page, server)
+    ann = unique("My name is Ann")
+    say(page, ann)
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    mine = page.locator(".message.user").first
+    mine.get_by_role("button", name="Edit").click()
+    box = mine.get_by_role("textbox", name="Edit your message")
+    expect(box).to_have_value(ann)
+    box.fill("never sent")
+    mine.get_by_role("button", name="Cancel").click()  # Cancel leaves it as it was
+    expect(box).to_have_count(0)
+    expect(mine.locator(".content")).to_have_text(ann)
+
+    bob = unique("My name is Bob")
+    mine.get_by_role("button", name="Edit").click()
+    box.fill(bob)
+    mine.get_by_role("button", name="Save").click()
+    expect(page.locator(".message.user .content")).to_have_text([bob])
+    expect(mine.locator(".version")).to_have_text("2/2")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    expect(reply(page, 1).locator(".content")).to_have_text(reply_for(bob))
+    expect(page.locator(".message")).to_have_count(2)
+
+    mine.get_by_role("button", name="Previous version").click()
+    expect(mine.locator(".version")).to_have_text("1/2")
+    expect(page.locator(".message.user .content")).to_have_text([ann])
+    expect(reply(page, 1).locator(".content")).to_have_text(reply_for(ann))
+    mine.get_by_role("button", name="Next version").click()
+    expect(page.locator(".message.user .content")).to_have_text([bob])
+
+    # The model is sent the branch on screen, and nothing of the other one.
+    ask = unique("What is my name?")
+    say(page, ask)
+    expect(reply(page, 2)).to_have_attribute("data-status", "complete")
+    assert provider.remembered(ask) == [bob, reply_for(bob)]
+    assert watched.errors == []
+
+
+def test_the_model_picker_changes_the_model_that_answers(
+    browser: Browser, make_server: Callable[..., ParleyServer], provider: FakeProvider
+) -> None:
+    models = [{"name": "fast", "base_url": provider.base_url, "api_key": "k", "model": "fake-fast"}]
+    picky = make_server(PARLEY_MODELS=json.dumps(models)).start()
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    watched = Watched(page, picky.url)
+
+    def pick(value: str) -> None:
+        with page.expect_response(lambda r: r.request.method == "PATCH") as patched:
+            picker.select_option(value)
+        assert patched.value.ok
+
+    try:
+        sign_in(page, picky)
+        picker = page.get_by_label("Model", exact=True)
+        expect(picker).to_be_enabled()
+        values = picker.locator("option").evaluate_all("options => options.map(o => o.value)")
+        default = values[0]
+        assert values == [default, "fast"] and default != "fast"
+        expect(picker).to_have_value(default)
+        expect(picker.locator("option").first).to_contain_text("(default)")
+
+        pick("fast")  # a new user's first choice makes the conversation
+        expect(page).to_have_url(re.compile(r"\?c="))
+        text = unique("which model answers?")
+        say(page, text)
+        expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+        assert [call.body["model"] for call in provider.calls_for(text)] == ["fake-fast"]
+
+        page.reload()
+        expect(page.get_by_label("Model", exact=True)).to_have_value("fast")
+        pick(default)
+        again = unique("and now?")
+        say(page, again)
+        expect(reply(page, 2)).to_have_attribute("data-status", "complete")
+        assert [call.body["model"] for call in provider.calls_for(again)] != ["fake-fast"]
+        assert watched.errors == []
+    finally:
+        context.close()
+
+
+def test_instructions_of_a_conversation_reach_the_model(
+    watched: Watched, server: ParleyServer, provider: FakeProvider
+) -> None:
+    page = watched.page
+    sign_in(page, server)
+    # One model: shown, so the user sees which answers, but nothing to pick.
+    expect(page.get_by_label("Model", exact=True)).to_be_visible()
+    expect(page.get_by_label("Model", exact=True)).to_be_disabled()
+    toggle = page.get_by_role("button", name="Instructions", exact=True)
+    box = page.get_by_label("Instructions for this conversation")
+    toggle.click()
+    expect(box).to_have_value("")
+    prompt = unique("Answer as a parrot would")
+    box.fill(prompt)
+    page.get_by_role("button", name="Save instructions").click()
+    expect(box).to_be_hidden()
+    expect(toggle).to_have_class(re.compile(r"\bcustom\b"))
+    text = unique("who is speaking?")
+    say(page, text)
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    (call,) = provider.calls_for(text)
+    assert call.messages[0] == {"role": "system", "content": prompt}
+
+    page.reload()
+    toggle.click()
+    expect(box).to_have_value(prompt)
+    box.fill("x" * 16_001)  # over the server's limit: refused, said, and nothing changed
+    page.get_by_role("button", name="Save instructions").click()
+    expect(page.locator("#notice")).to_be_visible()
+    expect(box).to_be_visible()
+    page.get_by_role("button", name="Reset to default").click()
+    expect(box).to_be_hidden()
+    expect(toggle).not_to_have_class(re.compile(r"\bcustom\b"))
+    again = unique("and who now?")
+    say(page, again)
+    expect(reply(page, 2)).to_have_attribute("data-status", "complete")
+    (call,) = provider.calls_for(again)
+    assert call.messages[0]["role"] == "system" and call.messages[0]["content"] != prompt
+    assert watched.errors == []
+
+
 # --- Safety --------------------------------------------------------------------------
 
 
@@ -286,7 +590,12 @@ def test_the_usage_panel_updates(watched: Watched, server: ParleyServer) -> None
     expect(page.locator("#wall-time")).not_to_have_text("0.000 s", timeout=5_000)
     expect(page.locator("#cpu-time")).to_have_text(lambda_seconds())
     expect(page.locator("#usage-chart polyline")).to_have_count(2)
-    expect(page.locator("#rates")).to_contain_text("per CPU-second")
+    expect(page.locator("#rates")).to_contain_text("per vCPU-second")
+    expect(page.locator("#usage-chart .tick.x")).to_have_text(["5", "4", "3", "2", "1", "now"])
+    expect(page.locator("#usage-chart .axis-title")).to_have_text(
+        ["seconds per 10 s", "minutes ago"]
+    )
+    expect(page.locator("#model-note")).to_contain_text("your provider")
     expect(page.locator("#cost-duration")).to_contain_text("$")
     expect(page.locator("#model-cpu")).to_be_hidden()
 

@@ -24,11 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley import __version__, deletion, pacing, store, streams, turns
 from parley.accounts import AccountLimits, Accounts, session_secret
-from parley.api import auth, conversations, health, seed, usage
+from parley.api import auth, conversations, health, models, seed, usage
 from parley.api.bodies import validation_failed
 from parley.cluster import Cluster, for_settings
 from parley.config import Settings
-from parley.llm import LocalModelServer, open_chat_model
+from parley.llm import LocalModelServer, open_chat_model, open_models
 from parley.memory import open_memory
 from parley.usage import UsageMeter
 
@@ -263,6 +263,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 usage.model_cpu = local_model.cpu_seconds
                 base_url = local_model.base_url
             model = await stack.enter_async_context(open_chat_model(settings, base_url))
+            chat_models = await stack.enter_async_context(open_models(settings, model))
+            app.state.models = chat_models
             memory = await stack.enter_async_context(
                 open_memory(settings, model, guard=cluster.ensure_alive)
             )
@@ -272,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     memory=memory,
                     usage=usage,
                     settings=settings,
+                    models=chat_models,
                     alive=cluster.ensure_alive,
                 )
             )
@@ -337,6 +340,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.provider_check = None
     app.include_router(seed.router)
     app.include_router(conversations.router)
+    app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(auth.router)

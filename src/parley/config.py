@@ -9,7 +9,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SYSTEM_PROMPT = "You talk like a pirate. Answer all questions to the best of your ability."
@@ -28,6 +28,24 @@ class PoolSizes:
     store: int
     dbos: int
     memory: int
+
+
+class ModelChoice(BaseModel):
+    """A model a conversation may use besides the default (``PARLEY_MODELS``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # What users pick it by (``GET /api/models``).
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+    # Unset: OpenAI's API.
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    # The provider's name for the model. Unset: ``name``.
+    model: str | None = Field(default=None, min_length=1)
+
+    @property
+    def provider_model(self) -> str:
+        return self.model or self.name
 
 
 class Settings(BaseSettings):
@@ -53,6 +71,10 @@ class Settings(BaseSettings):
     )
     model: str | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # More models that conversations may pick, as a JSON list of {"name", "base_url",
+    # "api_key", "model"} objects, beside the default one (the provider above, or the
+    # embedded model).
+    models: list[ModelChoice] = Field(default_factory=list)
     # Unset: the provider's own default.
     temperature: float | None = Field(default=None, ge=0, le=2)
     # Seconds for one model request; a slower answer counts as a failed attempt.
@@ -165,6 +187,14 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("models")
+    @classmethod
+    def _names_unique(cls, value: list[ModelChoice]) -> list[ModelChoice]:
+        names = [choice.name for choice in value]
+        if len(set(names)) != len(names):
+            raise ValueError("each model needs a name of its own")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
@@ -261,6 +291,11 @@ class Settings(BaseSettings):
 
     def check_provider(self) -> None:
         """Fail early, with one line, when no model could be used."""
+        if any(choice.name == self.model_name for choice in self.models):
+            raise ConfigurationError(
+                f"PARLEY_MODELS: {self.model_name!r} is the default model's name; "
+                "give the other one a name of its own"
+            )
         if not self.provider_configured:
             self.local_model_path  # noqa: B018 (raises when there is none)
             if importlib.util.find_spec("llama_cpp") is None:

@@ -102,7 +102,9 @@ async def take(
     if counted is None:
         start = await conn.scalar(sa.select(table.window_start).where(table.key == key))
         ends = _utc(start) + timedelta(seconds=seconds) if start is not None else now
-        raise Limited(key, max(0.0, (ends - now).total_seconds()))
+        # ``now`` was read before this transaction waited for the row's lock; a take that
+        # read it later may have opened the window meanwhile. Never past one window.
+        raise Limited(key, min(float(seconds), max(0.0, (ends - now).total_seconds())))
 
 
 async def give_back(conn: AsyncConnection, key: str) -> None:

@@ -31,7 +31,7 @@ import openai
 import psutil
 from langchain_openai import ChatOpenAI
 
-from parley.config import Settings
+from parley.config import ModelChoice, Settings
 from parley.redaction import keep_secret, redact
 
 logger = logging.getLogger("parley.llm")
@@ -178,26 +178,32 @@ class _Parsed:
         return self.value
 
 
-def make_chat_model(settings: Settings, base_url: str | None = None) -> ChatOpenAI:
-    """The model client; ``base_url`` points it at the embedded model's server.
+def make_chat_model(
+    settings: Settings, base_url: str | None = None, *, choice: ModelChoice | None = None
+) -> ChatOpenAI:
+    """The model client: the default model (``base_url`` points it at the embedded
+    model's server), or ``choice``, one of ``PARLEY_MODELS``.
 
     It holds an HTTP connection pool: close it with ``aclose_chat_model`` (or use
     ``open_chat_model``).
     """
-    api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    secret = choice.api_key if choice is not None else settings.openai_api_key
+    api_key = secret.get_secret_value() if secret else None
     keep_secret(api_key)  # kept out of error texts (describe) and the log
+    if choice is not None:
+        base_url = choice.base_url
     model = ChatOpenAI(
-        model=settings.model_name,
+        model=choice.provider_model if choice is not None else settings.model_name,
         # Local OpenAI-compatible servers accept any key, but the client insists on one.
         api_key=api_key or "unused",
-        base_url=base_url or settings.openai_base_url,
+        base_url=base_url or (settings.openai_base_url if choice is None else None),
         timeout=settings.llm_timeout,
         temperature=settings.temperature,
         max_completion_tokens=settings.reply_token_limit,
         # llama.cpp's server reads only the older name of the limit (OpenAI rejects a
         # request that carries both, so only the embedded model is sent it).
         extra_body={"max_tokens": settings.reply_token_limit}
-        if base_url and settings.reply_token_limit
+        if base_url and choice is None and settings.reply_token_limit
         else None,
         # Retries belong to the DBOS step around the call, where they are durable and
         # visible; the client retrying inside a step would multiply them.
@@ -236,6 +242,37 @@ async def open_chat_model(
         yield model
     finally:
         await aclose_chat_model(model)
+
+
+@dataclass(frozen=True, slots=True)
+class Models:
+    """The models conversations may use, by name: the default first."""
+
+    default: str
+    clients: dict[str, ChatOpenAI]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.clients)
+
+    def client(self, name: str | None) -> ChatOpenAI:
+        """The model called ``name``; the default one for None, or for a name no longer
+        configured (a conversation keeps its choice across a change of settings)."""
+        return self.clients.get(name or self.default) or self.clients[self.default]
+
+
+@contextlib.asynccontextmanager
+async def open_models(settings: Settings, default: ChatOpenAI) -> AsyncIterator[Models]:
+    """``default`` and a client for each of ``PARLEY_MODELS``, closed on exit."""
+    clients = {settings.model_name: default}
+    try:
+        for choice in settings.models:
+            clients[choice.name] = make_chat_model(settings, choice=choice)
+        yield Models(settings.model_name, clients)
+    finally:
+        for client in clients.values():
+            if client is not default:
+                await aclose_chat_model(client)
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -1,14 +1,20 @@
 """Conversation memory: a one-node LangGraph graph with a database checkpointer.
 
-Each conversation is one checkpointer thread. Messages carry ids derived from the turn
-id, so asking again for a turn that the graph already answered (a DBOS step re-run after
-a crash) replaces rather than appends, and does not call the model a second time.
+Each conversation is one checkpointer thread. A turn hands the graph what the model is
+to be shown: the messages of the turn's branch before it (read from Parley's tables,
+where edits and regenerated replies make branches) and the user message it answers. The
+node shows the model that window and remembers it with the reply, in place of whatever
+the thread held before, so the model only ever sees the branch the turn is on.
+
+Messages carry ids derived from turn ids, so asking again for a turn that the graph
+already answered (a DBOS step re-run after a crash) finds its reply in the checkpoint
+and does not call the model a second time.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,9 +32,11 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.graph import START, MessagesState, StateGraph
+from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.graph.state import CompiledStateGraph
 
 from parley.config import Settings
+from parley.store import Message
 
 # LangGraph's tables on PostgreSQL live in a schema of their own, apart from ours and DBOS's.
 POSTGRES_SCHEMA = "langgraph"
@@ -51,9 +59,35 @@ class Reply:
     stopped: bool = False
 
 
-# The sink of the turn being answered. A context variable rather than graph config, so
-# that it never reaches the checkpointer (which stores config values with checkpoints).
-_sink: ContextVar[ReplySink | None] = ContextVar("parley_reply_sink", default=None)
+@dataclass(frozen=True, slots=True)
+class _Asking:
+    """How the turn being answered asks: where its pieces go, which model, with which
+    instructions (None: the memory's own)."""
+
+    sink: ReplySink | None
+    model: BaseChatModel | None
+    system_prompt: str | None
+
+
+# The turn being answered. A context variable rather than graph config, so that none of
+# it reaches the checkpointer (which stores config values with checkpoints).
+_asking: ContextVar[_Asking | None] = ContextVar("parley_asking", default=None)
+
+
+class TurnState(MessagesState):
+    # What the turn shows the model: its branch's messages and the one it answers. Handed
+    # in by each run, and emptied by the node, so the checkpoint keeps one copy.
+    prompt: list[AnyMessage]
+
+
+def shown(messages: Sequence[Message]) -> list[AnyMessage]:
+    """Messages of a branch as the model is shown them, with their turns' ids."""
+    return [
+        HumanMessage(m.content, id=user_message_id(m.turn_id))
+        if m.role == "user"
+        else AIMessage(m.content, id=reply_message_id(m.turn_id))
+        for m in messages
+    ]
 
 
 def user_message_id(turn_id: str) -> str:
@@ -92,9 +126,10 @@ class Memory:
         self.graph = self._build(checkpointer)
 
     def _build(self, checkpointer: BaseCheckpointSaver[Any]) -> CompiledStateGraph[Any]:
-        async def call_model(state: MessagesState, config: RunnableConfig) -> dict[str, Any]:
+        async def call_model(state: TurnState, config: RunnableConfig) -> dict[str, Any]:
             reply_id = reply_message_id(config["configurable"]["turn_id"])
-            sink = _sink.get()
+            asking = _asking.get() or _Asking(None, None, None)
+            sink = asking.sink
             if state["messages"] and state["messages"][-1].id == reply_id:
                 # Answered by an earlier run (a crash, or a failure to store the reply,
                 # came after the model finished): the checkpoint holds the reply, so the
@@ -102,25 +137,25 @@ class Memory:
                 # gets the remembered text, or its readers would be left with none.
                 if sink is not None and (remembered := state["messages"][-1].text):
                     await sink.token(remembered)
-                return {}
-            window = self._window(state["messages"])
-            prompt = [SystemMessage(self.system_prompt), *window]
-            # Memory keeps what the model will be shown next time and nothing older (the
-            # visible history is in Parley's own tables), so that a checkpoint, read and
-            # written whole on every turn, stays the same size however long the chat.
-            shown = {message.id for message in window}
-            forgotten = [
-                RemoveMessage(id=message.id)
-                for message in state["messages"]
-                if message.id not in shown and message.id is not None
-            ]
+                return {"prompt": []}
+            window = self._window(state.get("prompt") or [])
+            model = asking.model or self.model
+            prompt = [SystemMessage(asking.system_prompt or self.system_prompt), *window]
+            # Memory keeps what the model was shown and its reply, in place of what it
+            # held (the visible history is in Parley's own tables), so that a checkpoint,
+            # read and written whole on every turn, stays the same size however long the
+            # chat, and holds nothing of another branch.
+            forgotten = RemoveMessage(id=REMOVE_ALL_MESSAGES)
             if sink is None:
-                text = (await self.model.ainvoke(prompt)).text
+                text = (await model.ainvoke(prompt)).text
                 await self._guard()
-                return {"messages": [*forgotten, AIMessage(content=text, id=reply_id)]}
+                return {
+                    "messages": [forgotten, *window, AIMessage(content=text, id=reply_id)],
+                    "prompt": [],
+                }
             parts: list[str] = []
             stopped = False
-            async for chunk in self.model.astream(prompt):
+            async for chunk in model.astream(prompt):
                 if sink.stopped:
                     # Leaving the loop closes the provider's stream, ending its generation.
                     stopped = True
@@ -129,21 +164,23 @@ class Memory:
                     parts.append(piece)
                     await sink.token(piece)
             if stopped and not parts:
-                return {}
+                return {"messages": [forgotten, *window], "prompt": []}
             await self._guard()
             # What the user saw is what the model remembers, a stopped reply included.
             return {
                 "messages": [
-                    *forgotten,
+                    forgotten,
+                    *window,
                     AIMessage(
                         content="".join(parts),
                         id=reply_id,
                         response_metadata={"stopped": stopped},
                     ),
-                ]
+                ],
+                "prompt": [],
             }
 
-        builder = StateGraph(MessagesState)
+        builder = StateGraph(TurnState)
         builder.add_node("model", call_model)
         builder.add_edge(START, "model")
         return builder.compile(checkpointer=checkpointer)
@@ -167,23 +204,39 @@ class Memory:
         return {"configurable": {"thread_id": conversation_id, "turn_id": turn_id}}
 
     async def reply(
-        self, conversation_id: str, turn_id: str, text: str, sink: ReplySink | None = None
+        self,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        *,
+        history: Sequence[AnyMessage] = (),
+        asked_in: str | None = None,
+        sink: ReplySink | None = None,
+        model: BaseChatModel | None = None,
+        system_prompt: str | None = None,
     ) -> Reply:
-        """The model's answer to ``text`` in this conversation, remembered with it.
+        """The model's answer to ``text`` after ``history`` (the messages before it on
+        the turn's branch, oldest first; see ``shown``), remembered with them.
 
-        With a ``sink``, the answer is streamed into it and stops when it says so.
+        ``asked_in``: the turn that stored ``text`` when it is not this one (a
+        regenerated reply answers an earlier turn's message). With a ``sink``, the answer
+        is streamed into it and stops when it says so. ``model`` and ``system_prompt``
+        replace the memory's own for this turn.
         """
-        token = _sink.set(sink)
+        question = HumanMessage(text, id=user_message_id(asked_in or turn_id))
+        token = _asking.set(_Asking(sink, model, system_prompt))
         try:
             result = await self.graph.ainvoke(
-                {"messages": [HumanMessage(text, id=user_message_id(turn_id))]},
+                {"prompt": [*history, question]},
                 self._config(conversation_id, turn_id),
                 # One checkpoint write, when the graph is done: the DBOS step around this
                 # call is what makes the turn durable, and a re-run recomputes a lost run.
                 durability="exit",
             )
         finally:
-            _sink.reset(token)
+            _asking.reset(token)
+        if not result["messages"]:
+            return Reply("", stopped=True)
         last = result["messages"][-1]
         if last.id != reply_message_id(turn_id):
             return Reply("", stopped=True)  # stopped before the model wrote anything
@@ -210,8 +263,12 @@ class Memory:
             for message_id in (user_message_id(turn_id), reply_message_id(turn_id))
             if message_id in ids
         ]
-        if removals:
-            await self.graph.aupdate_state(config, {"messages": removals}, as_node="model")
+        # What it was to be shown (the node empties it once it has run) goes as well.
+        prompt = state.values.get("prompt") or []
+        if removals or prompt:
+            await self.graph.aupdate_state(
+                config, {"messages": removals, "prompt": []}, as_node="model"
+            )
 
     async def messages(self, conversation_id: str) -> list[AnyMessage]:
         state = await self.graph.aget_state({"configurable": {"thread_id": conversation_id}})

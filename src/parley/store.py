@@ -30,10 +30,12 @@ Status = Literal["complete", "streaming", "stopped", "failed"]
 
 DEFAULT_TITLE = "New chat"
 TITLE_MAX_CHARS = 200
+MODEL_NAME_MAX_CHARS = 64
 # A conversation named after its first message takes this much of it.
 _AUTO_TITLE_CHARS = 60
 
 metadata = sa.MetaData()
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 conversations = sa.Table(
     "conversations",
@@ -44,6 +46,14 @@ conversations = sa.Table(
     sa.Column("title", sa.String(TITLE_MAX_CHARS), nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    # The last message of the branch the conversation shows, and whether it has more than
+    # one branch (one that has not is read in id order, the cheaper way).
+    sa.Column("leaf_id", _ID, nullable=True),
+    sa.Column("branched", sa.Boolean(), nullable=False, server_default=sa.false()),
+    # The model (a name from ``Settings.models``) and the instructions its turns use;
+    # null: the default ones.
+    sa.Column("model", sa.String(MODEL_NAME_MAX_CHARS), nullable=True),
+    sa.Column("system_prompt", sa.Text(), nullable=True),
     sa.Index("ix_conversations_owner_created", "owner", "created_at"),
     sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
@@ -51,7 +61,7 @@ conversations = sa.Table(
 messages = sa.Table(
     "messages",
     metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("id", _ID, primary_key=True),
     sa.Column(
         "conversation_id",
         sa.String(36),
@@ -70,10 +80,15 @@ messages = sa.Table(
     sa.Column("followed_elsewhere", sa.Boolean(), nullable=False, server_default=sa.false()),
     # The reply's round in the provider's queue, while limits are set (``parley.pacing``).
     sa.Column("queue_round", sa.Integer(), nullable=True),
+    # The message before this one on its branch: a reply's is the user message it answers,
+    # a user message's the reply it follows (null for a conversation's first). Versions
+    # of one message (edits, regenerated replies) share a parent.
+    sa.Column("parent_id", _ID, nullable=True),
     # One user message and one reply per turn: what makes a re-run step harmless.
     sa.UniqueConstraint("turn_id", "role", name="uq_messages_turn_role"),
     # History reads walk one conversation in id order.
     sa.Index("ix_messages_conversation_id", "conversation_id", "id"),
+    sa.Index("ix_messages_parent", "parent_id"),
     # The rounds of the replies still being written, and nothing else.
     sa.Index(
         "ix_messages_queue_round",
@@ -105,6 +120,9 @@ turn_keys = sa.Table(
         sa.ForeignKey("conversations.id", ondelete="CASCADE"),
         nullable=False,
     ),
+    # What the request asked for (a digest: see ``parley.turns.request_digest``); null
+    # for keys stored before edits and regenerations, which were all new messages.
+    sa.Column("request", sa.String(64), nullable=True),
     sa.PrimaryKeyConstraint("owner", "key_hash"),
     sa.Index("ix_turn_keys_conversation", "conversation_id"),
 )
@@ -194,6 +212,17 @@ class ConversationBusy(Exception):
         self.since = since
 
 
+class MessageRefused(Exception):
+    """A message a request names cannot be used as asked: ``missing`` when there is no
+    such message in the conversation, otherwise the wrong kind (``reason`` says which)."""
+
+    def __init__(self, reason: str, *, missing: bool, field: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.missing = missing
+        self.field = field
+
+
 class KeyTaken(Exception):
     """Another request took this idempotency key first: look its turn up again."""
 
@@ -218,6 +247,8 @@ class Conversation:
     title: str
     created_at: datetime
     updated_at: datetime
+    model: str | None = None
+    system_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +262,29 @@ class Message:
     error: str | None = None
     # How many times the model was asked for this reply: the epochs of its event stream.
     epochs: int = 0
+    parent_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A page of a conversation's branch, oldest first; each message's versions (the ids
+    of its siblings, itself included, oldest first); whether older messages exist."""
+
+    messages: list[Message]
+    siblings: dict[int, list[int]]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a turn's model step needs: the user message it answers, the messages before
+    it on its branch that the model may be shown (oldest first; without failed turns and
+    empty replies), and the conversation's model and instructions (null: the defaults)."""
+
+    prompt: Message
+    history: list[Message]
+    model: str | None
+    system_prompt: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +296,8 @@ class Turn:
     owner: str
     text: str
     reply_status: Status
+    # What the idempotency key that named it asked for (``keyed_turn`` only).
+    request: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +327,8 @@ def _conversation(row: sa.Row[Any]) -> Conversation:
         title=row.title or DEFAULT_TITLE,
         created_at=_aware(row.created_at),
         updated_at=_aware(row.updated_at),
+        model=row.model,
+        system_prompt=row.system_prompt,
     )
 
 
@@ -284,6 +342,7 @@ def _message(row: sa.Row[Any]) -> Message:
         created_at=_aware(row.created_at),
         error=row.error,
         epochs=row.epochs,
+        parent_id=row.parent_id,
     )
 
 
@@ -334,7 +393,7 @@ class _TurnStatements:
             set_=touched,
             # Someone else's conversation is left alone, and counts as not found.
             where=conversations.c.owner == sa.bindparam("b_owner"),
-        )
+        ).returning(conversations.c.branched)
         self.claim = (
             conversations.update()
             .where(
@@ -342,13 +401,66 @@ class _TurnStatements:
                 conversations.c.owner == sa.bindparam("b_owner"),
             )
             .values(touched)
+            .returning(conversations.c.branched)
         )
-        # Run with two parameter sets; SQLAlchemy sends them as one INSERT ("insertmany
-        # values"), and the rows it returns are the ones inserted.
-        self.insert_pair = (
-            insert(messages)
+        # A turn's messages. A new user message follows the end of the conversation's
+        # branch: its latest message, unless it has branches (then the branch it shows).
+        # Run after ``claim``, which locks the conversation, so that the end read is the
+        # end still when the message is stored.
+        latest = messages.alias("latest")
+        shown = conversations.alias("shown")
+        branch_end = (
+            sa.select(
+                sa.case(
+                    (shown.c.branched, shown.c.leaf_id),
+                    else_=sa.select(sa.func.max(latest.c.id))
+                    .where(latest.c.conversation_id == sa.bindparam("b_id"))
+                    .scalar_subquery(),
+                )
+            )
+            .where(shown.c.id == sa.bindparam("b_id"))
+            .scalar_subquery()
+        )
+        message = {
+            "conversation_id": sa.bindparam("b_id"),
+            "turn_id": turn,
+            "content": sa.bindparam("b_content"),
+            "created_at": now,
+        }
+        user_message = insert(messages).values({**message, "role": "user", "status": "complete"})
+        self.insert_user_next = (
+            user_message.values(parent_id=branch_end)
             .on_conflict_do_nothing(index_elements=["turn_id", "role"])
             .returning(messages.c.id)
+        )
+        parent = sa.bindparam("b_parent", type_=messages.c.parent_id.type)
+        self.insert_user_at = (
+            user_message.values(parent_id=parent)
+            .on_conflict_do_nothing(index_elements=["turn_id", "role"])
+            .returning(messages.c.id)
+        )
+        self.insert_reply = (
+            insert(messages)
+            .values(
+                {
+                    **message,
+                    "content": "",
+                    "role": "assistant",
+                    "status": "streaming",
+                    "parent_id": parent,
+                }
+            )
+            .on_conflict_do_nothing(index_elements=["turn_id", "role"])
+            .returning(messages.c.id)
+        )
+        self.target = sa.select(messages.c.role, messages.c.parent_id).where(
+            messages.c.id == sa.bindparam("b_message"),
+            messages.c.conversation_id == sa.bindparam("b_id"),
+        )
+        self.branch_to = (
+            conversations.update()
+            .where(conversations.c.id == sa.bindparam("b_id"))
+            .values(leaf_id=sa.bindparam("b_leaf"), branched=True)
         )
         # A reply no longer being written (failed as an orphan meanwhile) gets no new run.
         self.start_run = (
@@ -372,6 +484,7 @@ class _TurnStatements:
                 key_hash=sa.bindparam("b_key"),
                 turn_id=turn,
                 conversation_id=sa.bindparam("b_id"),
+                request=sa.bindparam("b_request"),
             )
             .on_conflict_do_nothing(index_elements=["owner", "key_hash"])
             .returning(turn_keys.c.turn_id)
@@ -389,30 +502,43 @@ class _TurnStatements:
             .returning(*messages.c)
         )
         # A turn, by its id or by the idempotency key that named it: who owns it, what
-        # was asked, how its reply stands.
+        # was asked (the user message its reply answers: its parent, or, for a reply
+        # stored by a release before branches, the user message of its own turn), how
+        # its reply stands.
         user = messages.alias("user_message")
         answer = messages.alias("reply")
+        answered = sa.or_(
+            user.c.id == answer.c.parent_id,
+            sa.and_(
+                answer.c.parent_id.is_(None),
+                user.c.turn_id == answer.c.turn_id,
+                user.c.role == "user",
+            ),
+        )
         a_turn = sa.select(
-            user.c.turn_id,
-            user.c.conversation_id,
+            answer.c.turn_id,
+            answer.c.conversation_id,
             user.c.content,
             conversations.c.owner,
             answer.c.status,
         ).select_from(
-            user.join(conversations, conversations.c.id == user.c.conversation_id).join(
-                answer,
-                sa.and_(answer.c.turn_id == user.c.turn_id, answer.c.role == "assistant"),
+            answer.join(conversations, conversations.c.id == answer.c.conversation_id).join(
+                user, answered
             )
         )
-        self.turn = a_turn.where(user.c.turn_id == turn, user.c.role == "user")
-        self.keyed_turn = a_turn.join(
-            turn_keys,
-            sa.and_(
-                turn_keys.c.turn_id == user.c.turn_id,
-                turn_keys.c.owner == sa.bindparam("b_owner"),
-                turn_keys.c.key_hash == sa.bindparam("b_key"),
-            ),
-        ).where(user.c.role == "user")
+        self.turn = a_turn.where(answer.c.turn_id == turn, answer.c.role == "assistant")
+        self.keyed_turn = (
+            a_turn.add_columns(turn_keys.c.request)
+            .join(
+                turn_keys,
+                sa.and_(
+                    turn_keys.c.turn_id == answer.c.turn_id,
+                    turn_keys.c.owner == sa.bindparam("b_owner"),
+                    turn_keys.c.key_hash == sa.bindparam("b_key"),
+                ),
+            )
+            .where(answer.c.role == "assistant")
+        )
 
 
 def upsert_insert(dialect: str) -> Callable[[sa.Table], Any]:
@@ -535,11 +661,15 @@ class Store:
         return _conversation(row)
 
     async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> None:
+        await self.update_conversation(owner, conversation_id, title=title)
+
+    async def update_conversation(self, owner: str, conversation_id: str, **values: Any) -> None:
+        """Set any of ``title``, ``model`` and ``system_prompt`` (null: the default)."""
         async with self.engine.begin() as conn:
             result = await conn.execute(
                 conversations.update()
                 .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
-                .values(title=title)
+                .values(**values)
             )
         if result.rowcount == 0:
             raise ConversationNotFound(conversation_id)
@@ -645,53 +775,88 @@ class Store:
         content: str,
         create_conversation: bool = False,
         key_hash: str | None = None,
+        request: str | None = None,
         limits: TurnLimits | None = None,
+        replaces: int | None = None,
+        regenerates: int | None = None,
     ) -> bool:
         """Store a turn's user message and an empty reply being written, in one transaction,
-        with the idempotency key that names the turn, if any; whether the turn is new
-        (beginning one that exists changes nothing).
+        with the idempotency key that names the turn (and ``request``, what it asked
+        for), if any; whether the turn is new (beginning one that exists changes nothing).
+
+        The message follows the end of the conversation's branch; with ``replaces`` (a
+        user message's id) it is a new version of that message instead, and with
+        ``regenerates`` (a reply's id) the turn stores no user message, only a new
+        version of that reply, answering the same one. Either way the new branch becomes
+        the one the conversation shows.
 
         Raises ``TooManyTurns`` beyond ``limits``; ``ConversationNotFound`` if the
         conversation is not the owner's (or, unless ``create_conversation``, does not
-        exist); ``KeyTaken`` if another request stored a turn under the same key first;
-        ``ConversationBusy`` if another reply is still being written in it. Each check
-        and the writes it guards are one transaction, so parallel requests cannot all
-        pass a check that only some of them may.
+        exist); ``MessageRefused`` if ``replaces`` or ``regenerates`` names no message of
+        the conversation, or one of the wrong role; ``KeyTaken`` if another request
+        stored a turn under the same key first; ``ConversationBusy`` if another reply is
+        still being written in it. Each check and the writes it guards are one
+        transaction, so parallel requests cannot all pass a check that only some of them
+        may.
         """
         now = datetime.now(UTC)
         sql = self._turn_sql
-        values = {
+        values: dict[str, Any] = {
             "b_id": conversation_id,
             "b_owner": owner,
             "b_title": _title_from(content),
             "b_now": now,
+            "b_turn": turn_id,
+            "b_content": content,
+            "b_request": request,
         }
-        pair = [
-            {"role": role, "content": text, "status": state}
-            | {"conversation_id": conversation_id, "turn_id": turn_id, "created_at": now}
-            for role, text, state in (("user", content, "complete"), ("assistant", "", "streaming"))
-        ]
         try:
             async with self.engine.begin() as conn:
                 if limits is not None:
                     await _check_limits(conn, owner, limits)
                     await _check_account(conn, owner)
                 claim = sql.claim_new if create_conversation else sql.claim
-                if (await conn.execute(claim, values)).rowcount == 0:
+                claimed = (await conn.execute(claim, values)).first()
+                if claimed is None:
                     if create_conversation and await conn.scalar(sql.being_deleted, values):
                         raise ConversationBusy("", None)  # wait for the deletion to end
                     raise ConversationNotFound(conversation_id)
                 if key_hash is not None:
-                    keyed = {**values, "b_key": key_hash, "b_turn": turn_id}
+                    keyed = {**values, "b_key": key_hash}
                     if (await conn.execute(sql.insert_key, keyed)).first() is None:
                         raise KeyTaken(key_hash)
-                inserted = (await conn.execute(sql.insert_pair, pair)).all()
+                branching = replaces is not None or regenerates is not None
+                if branching:
+                    target = replaces if replaces is not None else regenerates
+                    role = "user" if replaces is not None else "assistant"
+                    looked = await conn.execute(sql.target, {**values, "b_message": target})
+                    found = looked.first()
+                    if found is None:
+                        raise MessageRefused("is not a message of this conversation", missing=True)
+                    if found.role != role:
+                        raise MessageRefused(
+                            "must be one of your own messages (a reply cannot be edited)"
+                            if role == "user"
+                            else "must be a reply (only replies can be regenerated)",
+                            missing=False,
+                        )
+                    values["b_parent"] = found.parent_id
+                if regenerates is None:
+                    user = sql.insert_user_at if branching else sql.insert_user_next
+                    user_id = (await conn.execute(user, values)).scalar()
+                    if user_id is None:
+                        return False  # stored before
+                    values["b_parent"] = user_id
+                reply_id = (await conn.execute(sql.insert_reply, values)).scalar()
+                if reply_id is None:
+                    return False
+                if branching or claimed.branched:
+                    await conn.execute(sql.branch_to, {**values, "b_leaf": reply_id})
         except sa.exc.IntegrityError:
             # Only the one-reply-in-progress index can object: turn ids are handled above.
             busy = await self.streaming_turns(conversation_id)
             raise (ConversationBusy(*busy[0]) if busy else ConversationBusy("", None)) from None
-        # Both rows or neither: they are written together.
-        return len(inserted) > 0
+        return True
 
     async def fail_orphan(self, turn_id: str, error: str) -> None:
         """Mark a reply that no workflow will ever write as failed."""
@@ -806,24 +971,164 @@ class Store:
             rows = list(await conn.execute(query))
         return [_message(row) for row in reversed(rows)]
 
+    async def branch(
+        self,
+        owner: str,
+        conversation_id: str,
+        *,
+        limit: int,
+        before: int | None = None,
+        leaf: int | None = None,
+    ) -> Branch:
+        """A page of the conversation's branch, oldest first: its latest ``limit``
+        messages, or the ``limit`` before message ``before`` (on that message's branch).
+
+        With ``leaf``, the branch is the one through that message, continued to its
+        latest descendant (the newest version at each place below it), and it becomes
+        the branch the conversation shows. Raises ``ConversationNotFound`` unless the
+        conversation is the owner's, ``MessageRefused`` when ``before`` or ``leaf``
+        names no message of it.
+        """
+        async with self.engine.begin() as conn:
+            shown = (
+                await conn.execute(
+                    sa.select(conversations.c.branched, conversations.c.leaf_id).where(
+                        conversations.c.id == conversation_id, conversations.c.owner == owner
+                    )
+                )
+            ).first()
+            if shown is None:
+                raise ConversationNotFound(conversation_id)
+            branched, end = shown
+            for field, named in (("before", before), ("leaf", leaf)):
+                if named is None:
+                    continue
+                found = await conn.execute(
+                    _MESSAGE_IN, {"b_id": conversation_id, "b_message": named}
+                )
+                if found.first() is None:
+                    raise MessageRefused(
+                        "is not a message of this conversation", missing=True, field=field
+                    )
+            if not branched:
+                # One line of messages: read in id order.
+                query = (
+                    sa.select(messages)
+                    .where(messages.c.conversation_id == conversation_id)
+                    .order_by(messages.c.id.desc())
+                    .limit(limit + 1)
+                )
+                if before is not None:
+                    query = query.where(messages.c.id < before)
+                rows = list(await conn.execute(query))
+                page = [_message(row) for row in reversed(rows[:limit])]
+                return Branch(page, {m.id: [m.id] for m in page}, len(rows) > limit)
+            if leaf is not None:
+                end = await conn.scalar(_LATEST_BELOW, {"b_message": leaf})
+                await conn.execute(
+                    conversations.update()
+                    .where(conversations.c.id == conversation_id)
+                    .values(leaf_id=end)
+                )
+            if before is not None:
+                end = await conn.scalar(
+                    sa.select(messages.c.parent_id).where(messages.c.id == before)
+                )
+            rows = (
+                list(await conn.execute(_WALK_UP, {"b_start": end, "b_depth": limit + 1}))
+                if end is not None
+                else []
+            )
+            page = [_message(row) for row in rows[-limit:]] if rows else []
+            return Branch(page, await _siblings(conn, conversation_id, page), len(rows) > limit)
+
+    async def turn_context(self, turn_id: str, max_messages: int) -> TurnContext | None:
+        """What a turn's model step needs (see ``TurnContext``): up to ``max_messages``
+        messages of history; None when the turn is gone with its conversation."""
+        reply = messages.alias("reply")
+        async with self.engine.connect() as conn:
+            found = (
+                await conn.execute(
+                    sa.select(
+                        reply.c.id,
+                        reply.c.parent_id,
+                        reply.c.conversation_id,
+                        conversations.c.branched,
+                        conversations.c.model,
+                        conversations.c.system_prompt,
+                    )
+                    .join(conversations, conversations.c.id == reply.c.conversation_id)
+                    .where(reply.c.turn_id == turn_id, reply.c.role == "assistant")
+                )
+            ).first()
+            if found is None:
+                return None
+            # The messages before the reply, and some to spare for the failed turns and
+            # empty replies that are left out.
+            depth = 2 * max_messages + 2
+            if found.branched and found.parent_id is not None:
+                rows = list(
+                    await conn.execute(_WALK_UP, {"b_start": found.parent_id, "b_depth": depth})
+                )
+            else:
+                # One line of messages (or a reply stored by a release before branches):
+                # in id order.
+                rows = list(
+                    await conn.execute(
+                        sa.select(messages)
+                        .where(
+                            messages.c.conversation_id == found.conversation_id,
+                            messages.c.id < found.id,
+                        )
+                        .order_by(messages.c.id.desc())
+                        .limit(depth)
+                    )
+                )[::-1]
+        earlier = [_message(row) for row in rows]
+        if not earlier or earlier[-1].role != "user":
+            return None  # nothing to answer: gone while being read
+        return TurnContext(
+            prompt=earlier[-1],
+            history=_remembered(earlier[:-1])[-(max_messages - 1) :] if max_messages > 1 else [],
+            model=found.model,
+            system_prompt=found.system_prompt,
+        )
+
     async def history_json(self, conversation_id: str) -> bytes:
         """The example's ``/history`` body: ``[{"content", "isUser"}, ...]``, oldest first,
-        without empty replies.
+        without empty replies: the branch the conversation shows.
 
         Built from bare rows by pydantic-core's serialiser: a conversation can hold many
         thousands of messages, and a model object per message would cost more than the
         query. (PostgreSQL's own ``json_agg`` is slower still, about 2.5 µs a row.)
         """
-        query = (
-            sa.select(messages.c.content, messages.c.role)
-            .where(
-                messages.c.conversation_id == conversation_id,
-                sa.or_(messages.c.role == "user", messages.c.content != ""),
-            )
-            .order_by(messages.c.id)
-        )
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            shown = (
+                await conn.execute(
+                    sa.select(conversations.c.branched, conversations.c.leaf_id).where(
+                        conversations.c.id == conversation_id
+                    )
+                )
+            ).first()
+            if shown is not None and shown.branched and shown.leaf_id is not None:
+                walked = await conn.execute(
+                    _WALK_UP, {"b_start": shown.leaf_id, "b_depth": 2**31 - 1}
+                )
+                rows = [
+                    (row.content, row.role)
+                    for row in walked
+                    if row.role == "user" or row.content != ""
+                ]
+            else:
+                query = (
+                    sa.select(messages.c.content, messages.c.role)
+                    .where(
+                        messages.c.conversation_id == conversation_id,
+                        sa.or_(messages.c.role == "user", messages.c.content != ""),
+                    )
+                    .order_by(messages.c.id)
+                )
+                rows = [tuple(row) for row in (await conn.execute(query)).all()]
         return pydantic_core.to_json(
             [{"content": content, "isUser": role == "user"} for content, role in rows]
         )
@@ -840,7 +1145,88 @@ class Store:
             row = (await conn.execute(query, values)).one_or_none()
         if row is None:
             return None
-        return Turn(row.turn_id, row.conversation_id, row.owner, row.content, row.status)
+        return Turn(
+            row.turn_id,
+            row.conversation_id,
+            row.owner,
+            row.content,
+            row.status,
+            request=getattr(row, "request", None),
+        )
+
+
+_MESSAGE_IN = sa.select(messages.c.id).where(
+    messages.c.id == sa.bindparam("b_message"),
+    messages.c.conversation_id == sa.bindparam("b_id"),
+)
+
+
+def _walk_up() -> sa.Select[Any]:
+    """The branch ending at message ``b_start``: it and up to ``b_depth`` - 1 messages
+    before it, oldest first. Each step is a primary-key lookup of the parent."""
+    anchor = sa.select(
+        messages.c.id, messages.c.parent_id, sa.literal(1, sa.Integer).label("depth")
+    ).where(messages.c.id == sa.bindparam("b_start", type_=messages.c.id.type))
+    walk = anchor.cte("walk", recursive=True)
+    up = messages.alias("up")
+    walk = walk.union_all(
+        sa.select(up.c.id, up.c.parent_id, walk.c.depth + 1).where(
+            up.c.id == walk.c.parent_id, walk.c.depth < sa.bindparam("b_depth", type_=sa.Integer)
+        )
+    )
+    return sa.select(messages).join(walk, messages.c.id == walk.c.id).order_by(walk.c.depth.desc())
+
+
+_WALK_UP = _walk_up()
+
+# The latest descendant of message ``b_message``: from it, the newest child at each step
+# down (a child is always newer than its parent, so the last one reached has the
+# highest id).
+_LATEST_BELOW = sa.text(
+    "WITH RECURSIVE down(id) AS ("
+    " SELECT CAST(:b_message AS BIGINT)"
+    " UNION ALL"
+    " SELECT (SELECT max(child.id) FROM messages AS child WHERE child.parent_id = down.id)"
+    " FROM down WHERE down.id IS NOT NULL"
+    ") SELECT max(id) FROM down"
+)
+
+
+async def _siblings(
+    conn: AsyncConnection, conversation_id: str, page: list[Message]
+) -> dict[int, list[int]]:
+    """The versions at each message's place on a page: the messages that share its
+    parent (for a conversation's first message, the other first messages)."""
+    parents = {m.parent_id for m in page if m.parent_id is not None}
+    placed = [messages.c.parent_id.in_(parents)] if parents else []
+    if any(m.parent_id is None for m in page):
+        placed.append(messages.c.parent_id.is_(None))
+    if not placed:
+        return {}
+    rows = await conn.execute(
+        sa.select(messages.c.id, messages.c.parent_id)
+        .where(messages.c.conversation_id == conversation_id, sa.or_(*placed))
+        .order_by(messages.c.id)
+    )
+    by_parent: dict[int | None, list[int]] = {}
+    for message_id, parent_id in rows:
+        by_parent.setdefault(parent_id, []).append(message_id)
+    return {m.id: by_parent.get(m.parent_id, [m.id]) for m in page}
+
+
+def _remembered(history: list[Message]) -> list[Message]:
+    """What the model is shown of a branch: not the turns that failed (neither the user
+    message nor its reply), nor replies stopped before they had any text."""
+    kept: list[Message] = []
+    for message in history:
+        if message.role == "assistant" and message.status == "failed":
+            if kept and kept[-1].role == "user":
+                kept.pop()
+            continue
+        if message.role == "assistant" and (not message.content or message.status == "streaming"):
+            continue
+        kept.append(message)
+    return kept
 
 
 class OwnerGone(Exception):
@@ -923,7 +1309,9 @@ async def delete_conversations(conn: AsyncConnection, which: sa.ColumnElement[bo
         .from_select(
             ["turn_id", "conversation_id"],
             sa.select(messages.c.turn_id, messages.c.conversation_id).where(
-                of_chosen, messages.c.role == "user"
+                # Every turn has one reply; a regenerated one has no user message.
+                of_chosen,
+                messages.c.role == "assistant",
             ),
         )
         .on_conflict_do_nothing()

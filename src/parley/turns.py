@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -42,13 +43,14 @@ from dbos import error as dbos_errors
 
 from parley import llm, pacing, streams
 from parley.config import Settings
-from parley.memory import Memory, Reply
+from parley.memory import Memory, Reply, ReplySink, shown
 from parley.store import (
     ConversationBusy,
     ConversationNotFound,
     KeyTaken,
     Message,
     Store,
+    TurnContext,
     TurnLimits,
     is_transient,
 )
@@ -67,6 +69,7 @@ class Services:
     memory: Memory
     usage: UsageMeter
     settings: Settings
+    models: llm.Models
     # Returns while this process may still write its turns' results (``parley.cluster``).
     alive: Callable[[], Awaitable[None]]
 
@@ -120,10 +123,8 @@ def key_hash(idempotency_key: str) -> str:
     return hashlib.sha256(idempotency_key.encode()).hexdigest()
 
 
-# The user's message of each turn this process has just started, so that its workflow
-# need not read it back; a recovered workflow reads it from the store. And the reply of
-# each turn a request here waits for (``run_turn``), handed over the same way.
-_texts: dict[str, str] = {}
+# The reply of each turn a request here waits for (``run_turn``), handed over by its
+# workflow, so that the request need not read it back.
 _replies: dict[str, Message | None] = {}
 
 
@@ -131,15 +132,13 @@ async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
     """The turn's step (run by ``chat_turn`` with retry options from the settings): the
     model's reply, stored, and for a streaming turn the stream's end event written; the
     reply's status."""
-    text = _texts.get(turn_id)
-    if text is None:
-        asked = await services().store.message(turn_id, "user")
-        text = asked.content if asked is not None else None
-    if text is None:
+    parts = services()
+    context = await parts.store.turn_context(turn_id, parts.settings.memory_max_messages)
+    if context is None:
         # The conversation was deleted before the model was asked: nothing to answer.
         outcome: dict[str, Any] = {"text": "", "stopped": True, "tail": None}
     else:
-        outcome = await ask_model(conversation_id, turn_id, text, stream)
+        outcome = await ask_model(conversation_id, turn_id, context, stream)
     status = "stopped" if outcome["stopped"] else "complete"
     await services().alive()
     message = await store_reply(
@@ -150,19 +149,33 @@ async def answer(conversation_id: str, turn_id: str, stream: bool) -> str:
     return message.status if message is not None else "gone"
 
 
-async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool) -> dict[str, Any]:
-    """The model's reply to ``text``, through the conversation's memory.
+async def ask_model(
+    conversation_id: str, turn_id: str, context: TurnContext, stream: bool
+) -> dict[str, Any]:
+    """The model's reply to the turn's message, through the conversation's memory, by
+    the conversation's model and instructions.
 
     Each run of a streaming turn's model step is a new epoch of its event stream. The
     pieces not yet written to the durable stream come back as ``tail``: the end event
     carries them, which saves a write per turn.
     """
     parts = services()
+
+    def ask(sink: ReplySink | None = None) -> Awaitable[Reply]:
+        return parts.memory.reply(
+            conversation_id,
+            turn_id,
+            context.prompt.content,
+            history=shown(context.history),
+            asked_in=context.prompt.turn_id,
+            sink=sink,
+            model=parts.models.client(context.model),
+            system_prompt=context.system_prompt,
+        )
+
     if not stream:
         try:
-            reply = await _paced(
-                turn_id, lambda: parts.memory.reply(conversation_id, turn_id, text)
-            )
+            reply = await _paced(turn_id, ask)
         except llm.PROVIDER_ERRORS as error:
             await _before_retry(error)
             raise
@@ -184,9 +197,7 @@ async def ask_model(conversation_id: str, turn_id: str, text: str, stream: bool)
             await writer.token(text_so_far)
         return {"text": text_so_far, "stopped": True, "tail": writer.tail()}
     try:
-        reply = await _paced(
-            turn_id, lambda: parts.memory.reply(conversation_id, turn_id, text, sink=writer)
-        )
+        reply = await _paced(turn_id, lambda: ask(writer))
     except llm.PROVIDER_ERRORS as error:
         await _before_retry(error)
         raise
@@ -309,6 +320,7 @@ async def chat_turn(conversation_id: str, stream: bool) -> dict[str, Any]:
     assert turn_id is not None
     started = time.monotonic()
     _running.add(turn_id)
+    services().usage.turn_started(turn_id)
     _idle.clear()
     try:
         try:
@@ -330,13 +342,12 @@ async def chat_turn(conversation_id: str, stream: bool) -> dict[str, Any]:
         logger.info("turn %s in %.2f s", status, time.monotonic() - started)
         return {"status": status, "error": None}
     finally:
-        _texts.pop(turn_id, None)
         _refused_since.pop(turn_id, None)
         turn_ended(turn_id)
         _running.discard(turn_id)
         if not _running:
             _idle.set()
-        services().usage.record_turn(time.monotonic() - started)
+        services().usage.turn_ended(turn_id)
         streams.abandon(turn_id)
 
 
@@ -351,6 +362,7 @@ def message_json(message: Message) -> dict[str, Any]:
         # As pydantic writes a UTC time, so both places show the same text.
         "created_at": message.created_at.isoformat().replace("+00:00", "Z"),
         "error": message.error,
+        "parent_id": message.parent_id,
     }
 
 
@@ -364,7 +376,23 @@ _starting: set[str] = set()
 
 
 class KeyReused(Exception):
-    """The idempotency key named a turn with another message or in another conversation."""
+    """The idempotency key named a turn that asked for something else: another message,
+    another conversation, an edit or a regeneration of another message."""
+
+
+def request_digest(
+    conversation_id: str,
+    text: str,
+    *,
+    replaces: int | None = None,
+    regenerates: int | None = None,
+) -> str:
+    """What a request that starts a turn asks for, as stored with its idempotency key."""
+    if regenerates is not None:
+        asked = ["regenerate", conversation_id, regenerates]
+    else:
+        asked = ["send", conversation_id, text, replaces]
+    return hashlib.sha256(json.dumps(asked).encode()).hexdigest()
 
 
 async def start_turn(
@@ -377,28 +405,43 @@ async def start_turn(
     create_conversation: bool = False,
     wait_if_busy: bool = False,
     limits: TurnLimits | None = None,
+    replaces: int | None = None,
+    regenerates: int | None = None,
 ) -> tuple[str, WorkflowHandleAsync[dict[str, Any]] | None]:
     """Store the user's message and start its workflow; the turn's id, and the handle of
     its workflow unless the turn had already ended.
 
-    With an idempotency key that already names a turn of ``owner``, that turn (started
-    again if its request died before it could start it) instead. Raises ``KeyReused``,
-    ``TooManyTurns`` (beyond ``limits``; a turn that already exists is not counted),
-    ``ConversationNotFound``, or ``ConversationBusy`` while another reply is being
-    written in the conversation (unless ``wait_if_busy``, which waits for it instead).
+    With ``replaces`` (a user message's id), the message is a new version of that one;
+    with ``regenerates`` (a reply's id), the turn writes a new version of that reply, and
+    ``text`` is not used (see ``Store.begin_turn``). With an idempotency key that already
+    names a turn of ``owner``, that turn (started again if its request died before it
+    could start it) instead. Raises ``KeyReused``, ``TooManyTurns`` (beyond ``limits``;
+    a turn that already exists is not counted), ``ConversationNotFound``,
+    ``MessageRefused``, or ``ConversationBusy`` while another reply is being written in
+    the conversation (unless ``wait_if_busy``, which waits for it instead).
     """
     parts = services()
     store = parts.store
     hashed = key_hash(idempotency_key) if idempotency_key is not None else None
+    request = request_digest(conversation_id, text, replaces=replaces, regenerates=regenerates)
     deadline = time.monotonic() + parts.settings.llm_timeout * parts.settings.llm_attempts
     while True:
         if hashed is not None and (earlier := await store.keyed_turn(owner, hashed)):
-            if earlier.text != text or earlier.conversation_id != conversation_id:
+            if earlier.request is not None:
+                reused = earlier.request != request
+            else:  # stored before edits and regenerations: a new message, then
+                reused = (
+                    replaces is not None
+                    or regenerates is not None
+                    or earlier.text != text
+                    or earlier.conversation_id != conversation_id
+                )
+            if reused:
                 raise KeyReused(earlier.turn_id)
             if earlier.reply_status != "streaming":
                 return earlier.turn_id, None
             return earlier.turn_id, await _start_workflow(
-                earlier.turn_id, conversation_id, text, stream, owner=owner, new=False
+                earlier.turn_id, conversation_id, stream, owner=owner, new=False
             )
         turn_id = new_turn_id()
         try:
@@ -409,7 +452,10 @@ async def start_turn(
                 content=text,
                 create_conversation=create_conversation,
                 key_hash=hashed,
+                request=request,
                 limits=limits,
+                replaces=replaces,
+                regenerates=regenerates,
             )
         except KeyTaken:
             continue  # a request with the same key got there first: join its turn
@@ -422,7 +468,7 @@ async def start_turn(
             await _wait_for(busy.turn_id)
             continue
         return turn_id, await _start_workflow(
-            turn_id, conversation_id, text, stream, owner=owner, new=True
+            turn_id, conversation_id, stream, owner=owner, new=True
         )
 
 
@@ -452,7 +498,7 @@ async def _is_orphan(busy: ConversationBusy) -> bool:
 
 
 async def _start_workflow(
-    turn_id: str, conversation_id: str, text: str, stream: bool, *, owner: str, new: bool
+    turn_id: str, conversation_id: str, stream: bool, *, owner: str, new: bool
 ) -> WorkflowHandleAsync[dict[str, Any]]:
     """Start a stored turn's workflow (or join it, if it exists): at once, or, while the
     provider's limits are set, on their queue, in the owner's next round
@@ -462,12 +508,11 @@ async def _start_workflow(
     than left "being written" for ever.
     """
     queue = pacing.queue()
-    if new and queue is None:
-        # It runs here: hand it its text, and its readers here the live turn. (A queued
-        # turn runs in whichever process starts it first.)
-        _texts[turn_id] = text  # a workflow that exists already runs, or ran, elsewhere
-        if stream:
-            streams.expect(turn_id)
+    if new and queue is None and stream:
+        # It runs here: hand its readers here the live turn. (A queued turn runs in
+        # whichever process starts it first; a workflow that exists already runs, or
+        # ran, elsewhere.)
+        streams.expect(turn_id)
     _starting.add(turn_id)
     try:
         if queue is not None:
@@ -477,7 +522,6 @@ async def _start_workflow(
         with SetWorkflowID(turn_id):
             return await DBOS.start_workflow_async(chat_turn, conversation_id, stream)
     except BaseException:
-        _texts.pop(turn_id, None)
         streams.abandon(turn_id)
         with contextlib.suppress(Exception):  # the database may be what failed
             await services().store.fail_orphan(turn_id, "The turn could not be started.")

@@ -2,8 +2,11 @@
 
 CPU time is a process's user + system time from psutil: its reading now less the reading
 sampled, once a second, at the window's start. Parley's own process and the embedded
-model's process (when one runs) are measured apart. The wall-clock figure is the summed
-duration of the chat turns that finished in the window.
+model's process (when one runs) are measured apart. The wall-clock figure is the
+turn-seconds that fell inside the window: the integral over the window of the number of
+turns running, so a turn still being written counts for the part of it that has run, and
+a turn that began before the window counts for its part inside. ``turn_started`` and
+``turn_ended`` (called by the turn's workflow) mark a turn's span.
 
 The meter keeps ``history`` seconds of samples, from which ``series`` draws the page's
 chart: the same three figures per bucket of time over the last minutes.
@@ -12,9 +15,10 @@ The figures are the whole service's: every Parley process sharing the database (
 worker of each replica). Every ``publish_interval`` seconds (``idle_publish_interval``
 while it is idle), and at a clean shutdown, each process writes one row to
 ``usage_samples``: what it measured since its previous row (its own CPU seconds, the
-model's or null, the seconds and the number of turns that finished), under a random id
-of its own. A row's time is the database's clock, never a host's, so the hosts' clocks
-need not agree; windows and buckets are measured back from the database's "now" too.
+model's or null, the turn-seconds accrued in the period, turns still running included,
+and the number of turns that finished), under a random id of its own. A row's time is
+the database's clock, never a host's, so the hosts' clocks need not agree; windows and
+buckets are measured back from the database's "now" too.
 ``service_snapshot`` and ``service_series`` add the others' rows in the window (or per
 bucket) to the process's own figures, which it measures itself, live and exactly as
 above: with one process the figures are the same as without the table. A process that
@@ -119,6 +123,7 @@ class UsageMeter:
         publish_interval: float = 2.0,
         idle_publish_interval: float = 5.0,
         cache_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window = window
         self.interval = interval
@@ -126,6 +131,8 @@ class UsageMeter:
         self.publish_interval = publish_interval
         self.idle_publish_interval = max(idle_publish_interval, publish_interval)
         self.cache_seconds = cache_seconds
+        # The clock of samples and turns (a test's own, to count exactly).
+        self._clock = clock
         # Cumulative CPU seconds of the embedded model's processes, when there is one.
         self.model_cpu: Callable[[], float] | None = None
         self._start()
@@ -134,7 +141,11 @@ class UsageMeter:
         self._process = psutil.Process()
         self.process_id = uuid.uuid4().hex
         self._samples: deque[tuple[float, float, float]] = deque()
+        # Turns running (id: start), and the spans (start, end) of turns that ended within
+        # the history, oldest end first.
+        self._running: dict[str, float] = {}
         self._turns: deque[tuple[float, float]] = deque()
+        # Since the meter started: the seconds of the turns that ended, and their number.
         self._turn_seconds = 0.0
         self._turn_count = 0
         # Publishing: what the last row written (or being written) counted up to.
@@ -156,43 +167,81 @@ class UsageMeter:
         return self.model_cpu() if self.model_cpu is not None else 0.0
 
     def sample(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._samples.append((now, self._own_cpu(), self._model_cpu()))
         # Keep one sample at or before the history's start, to measure from it.
         while len(self._samples) > 1 and self._samples[1][0] <= now - self.history:
             self._samples.popleft()
-        while self._turns and self._turns[0][0] < now - self.history:
+        while self._turns and self._turns[0][1] < now - self.history:
             self._turns.popleft()
 
+    # --- Turns ---------------------------------------------------------------------------
+
+    def turn_started(self, turn_id: str) -> None:
+        """A turn began running here (again, if it had: its first start stands)."""
+        self._running.setdefault(turn_id, self._clock())
+
+    def turn_ended(self, turn_id: str) -> None:
+        """A turn stopped running here, however it ended."""
+        start = self._running.pop(turn_id, None)
+        if start is not None:
+            self._ended(start, self._clock())
+
     def record_turn(self, seconds: float) -> None:
-        self._turns.append((time.monotonic(), seconds))
-        self._turn_seconds += seconds
+        """A turn of ``seconds`` that ended now."""
+        now = self._clock()
+        self._ended(now - seconds, now)
+
+    def _ended(self, start: float, end: float) -> None:
+        self._turns.append((start, end))
+        self._turn_seconds += end - start
         self._turn_count += 1
+
+    def _turn_seconds_in(self, edges: list[float], now: float) -> list[float]:
+        """The turn-seconds that fell in each span between ``edges`` (ascending, equally
+        spaced): each turn's time inside the span, a running turn's up to ``now``."""
+        out = [0.0] * (len(edges) - 1)
+        first, last = edges[0], edges[-1]
+        width = (last - first) / len(out)
+        for start, end in [*self._turns, *((began, now) for began in self._running.values())]:
+            start, end = max(start, first), min(end, last)
+            if end <= start or width <= 0:
+                continue
+            # The spans the turn touches (one more each side, for rounding), each its part.
+            low = max(0, int((start - first) / width) - 1)
+            high = min(len(out), int((end - first) / width) + 2)
+            for k in range(low, high):
+                out[k] += max(0.0, min(end, edges[k + 1]) - max(start, edges[k]))
+        return out
+
+    def _accrued(self, now: float) -> float:
+        """Every turn's seconds since the meter started, running turns' up to ``now``."""
+        return self._turn_seconds + sum(now - began for began in self._running.values())
 
     def snapshot(self) -> Usage:
         """This process's figures over the window."""
-        now = time.monotonic()
+        now = self._clock()
         _, own_start, model_start = self._sample_at(now - self.window)
-        turns = [seconds for at, seconds in self._turns if at >= now - self.window]
         return Usage(
             cpu_time=max(0.0, self._own_cpu() - own_start),
             model_cpu_time=(
                 max(0.0, self._model_cpu() - model_start) if self.model_cpu is not None else None
             ),
-            wall_clock_time=sum(turns),
-            turns=len(turns),
+            wall_clock_time=self._turn_seconds_in([now - self.window, now], now)[0],
+            turns=sum(1 for _, end in self._turns if end >= now - self.window),
             window_seconds=self.window,
         )
 
     def series(self, bucket_seconds: float = 10.0, buckets: int = 30) -> list[Bucket]:
         """This process's figures per bucket of ``bucket_seconds``, oldest first, ending now."""
-        now = time.monotonic()
+        now = self._clock()
         edges = [now - bucket_seconds * k for k in range(buckets, -1, -1)]
         readings = [self._sample_at(edge) for edge in edges[:-1]]
         readings.append((now, self._own_cpu(), self._model_cpu()))
+        walls = self._turn_seconds_in(edges, now)
         out = []
-        for (_, own_a, model_a), (_, own_b, model_b), edge in zip(
-            readings, readings[1:], edges[1:], strict=False
+        for (_, own_a, model_a), (_, own_b, model_b), edge, wall in zip(
+            readings, readings[1:], edges[1:], walls, strict=False
         ):
             out.append(
                 Bucket(
@@ -201,9 +250,7 @@ class UsageMeter:
                     model_cpu_time=(
                         max(0.0, model_b - model_a) if self.model_cpu is not None else None
                     ),
-                    wall_clock_time=sum(
-                        seconds for at, seconds in self._turns if edge - bucket_seconds < at <= edge
-                    ),
+                    wall_clock_time=wall,
                 )
             )
         return out
@@ -249,14 +296,17 @@ class UsageMeter:
             self._engine = None
 
     def _busy(self) -> bool:
-        """Whether a turn ended, or some CPU was spent, since the last row: an idle process
+        """Whether a turn ran, or some CPU was spent, since the last row: an idle process
         writes less often (its idle CPU waits a few seconds more to be counted)."""
         now, last = self._reading_now(), self._published
         spent = now.own_cpu - last.own_cpu + now.model_cpu - last.model_cpu
-        return now.turns != last.turns or spent >= _BUSY_CPU_SECONDS
+        ran = now.turns != last.turns or now.turn_seconds > last.turn_seconds
+        return ran or spent >= _BUSY_CPU_SECONDS
 
     def _reading_now(self) -> _Reading:
-        return _Reading(self._own_cpu(), self._model_cpu(), self._turn_seconds, self._turn_count)
+        return _Reading(
+            self._own_cpu(), self._model_cpu(), self._accrued(self._clock()), self._turn_count
+        )
 
     async def publish(self) -> None:
         """Write one row: what this process measured since its last row.
@@ -281,7 +331,7 @@ class UsageMeter:
                         if self.model_cpu is not None
                         else None
                     ),
-                    "wall_clock_time": now.turn_seconds - last.turn_seconds,
+                    "wall_clock_time": max(0.0, now.turn_seconds - last.turn_seconds),
                     "turns": now.turns - last.turns,
                 }
                 self._published = now

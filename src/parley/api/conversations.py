@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi import status as http_status
 from fastapi.responses import StreamingResponse
 from fastapi.sse import KEEPALIVE_COMMENT, format_sse_event
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from parley import deletion, pacing, streams, turns
 from parley.api.bodies import CheckedRoute
@@ -30,9 +30,12 @@ from parley.api.validation import (
     invalid,
 )
 from parley.store import (
+    MODEL_NAME_MAX_CHARS,
     TITLE_MAX_CHARS,
+    Branch,
     ConversationBusy,
     ConversationNotFound,
+    MessageRefused,
     TooManyTurns,
     Turn,
 )
@@ -71,9 +74,21 @@ class NewConversation(BaseModel):
     title: Title | None = None
 
 
-class Rename(BaseModel):
+class ConversationChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    title: Title
+    title: Title | None = Field(default=None, description="A new title (not null).")
+    model: Annotated[StrictStr, Field(min_length=1, max_length=MODEL_NAME_MAX_CHARS)] | None = (
+        Field(
+            default=None,
+            description="The model its replies come from: a name from `GET /api/models`, "
+            "or null for the default one.",
+        )
+    )
+    system_prompt: Annotated[StrictStr, StorableText] | None = Field(
+        default=None,
+        description="Instructions the model is given before the conversation, up to the "
+        "length of a message; null or empty for the default ones.",
+    )
 
 
 class ConversationOut(BaseModel):
@@ -81,6 +96,8 @@ class ConversationOut(BaseModel):
     title: str
     created_at: datetime
     updated_at: datetime
+    model: str | None = Field(description="The model's name; null: the default model.")
+    system_prompt: str | None = Field(description="The instructions; null: the default ones.")
 
 
 class ConversationPage(BaseModel):
@@ -96,6 +113,15 @@ class MessageOut(BaseModel):
     status: Literal["complete", "streaming", "stopped", "failed"]
     created_at: datetime
     error: str | None = Field(default=None, description="Why the reply failed, if it did.")
+    parent_id: int | None = Field(
+        default=None,
+        description="The message before this one on its branch (null for the first).",
+    )
+    siblings: list[int] = Field(
+        default_factory=list,
+        description="The ids of every version of this message (edits of a message, "
+        "regenerations of a reply), oldest first, its own included.",
+    )
 
 
 class MessagePage(BaseModel):
@@ -106,6 +132,12 @@ class MessagePage(BaseModel):
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     content: Annotated[StrictStr, StorableText] = Field(description="What the user says.")
+    replaces: Annotated[StrictInt, Field(ge=1, le=MAX_ID)] | None = Field(
+        default=None,
+        description="Edit and resend: the id of a user message of this conversation. The "
+        "new message is another version of it, with a reply of its own; what followed "
+        "the old version stays on its own branch.",
+    )
 
 
 class TurnStarted(BaseModel):
@@ -135,6 +167,8 @@ def _conversation_out(conversation: Any) -> ConversationOut:
         title=conversation.title,
         created_at=conversation.created_at,
         updated_at=conversation.updated_at,
+        model=conversation.model,
+        system_prompt=conversation.system_prompt,
     )
 
 
@@ -210,12 +244,39 @@ async def get_conversation(user: User, conversation_id: ConversationId) -> Conve
     responses=NOT_FOUND,
     tags=["conversations"],
 )
-async def rename_conversation(
-    user: User, conversation_id: ConversationId, body: Rename
+async def change_conversation(
+    user: User, conversation_id: ConversationId, body: ConversationChange, request: Request
 ) -> ConversationOut:
+    """Rename a conversation, or choose its model or its instructions: any of the three.
+    The next reply uses them."""
     store = turns.services().store
+    given = body.model_fields_set
+    if not given:
+        raise invalid(("body",), "give at least one of title, model and system_prompt")
+    changes: dict[str, Any] = {}
+    if "title" in given:
+        if body.title is None:
+            raise invalid(("body", "title"), "must be a title, not null")
+        changes["title"] = body.title
+    if "model" in given:
+        names = request.app.state.models.names
+        if body.model is not None and body.model not in names:
+            raise invalid(
+                ("body", "model"),
+                "is not a model of this service (GET /api/models lists them)",
+                "unknown_model",
+            )
+        changes["model"] = body.model
+    if "system_prompt" in given:
+        prompt = body.system_prompt
+        limit = request.app.state.settings.max_message_chars
+        if prompt is not None and len(prompt) > limit:
+            raise invalid(
+                ("body", "system_prompt"), f"must be at most {limit} characters", "string_too_long"
+            )
+        changes["system_prompt"] = prompt if prompt and prompt.strip() else None
     try:
-        await store.rename_conversation(user, str(conversation_id), body.title)
+        await store.update_conversation(user, str(conversation_id), **changes)
         return _conversation_out(await store.conversation(user, str(conversation_id)))
     except ConversationNotFound:
         raise _not_found() from None
@@ -262,28 +323,60 @@ async def list_messages(
     limit: Annotated[int, Query(ge=1, le=MESSAGES_PAGE_MAX)] = MESSAGES_PAGE,
     before: Annotated[
         int | None,
-        Query(ge=1, le=MAX_ID, description="Only messages older than this message id."),
+        Query(
+            ge=1,
+            le=MAX_ID,
+            description="Only the messages before this one (a message of this "
+            "conversation), on its branch.",
+        ),
+    ] = None,
+    leaf: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_ID,
+            description="Show the branch through this message of the conversation, "
+            "continued to its newest versions below it, and make it the current one.",
+        ),
     ] = None,
 ) -> MessagePage:
-    """A page of the conversation's messages: the latest ones, or those before ``before``.
+    """A page of the conversation's current branch: its latest messages, or those before
+    ``before``. Each message names its ``parent_id`` and its ``siblings`` (its versions).
 
     A reply being written shows what it holds so far when this process is writing it, and
     is empty otherwise; its stream has all of it.
     """
     store = turns.services().store
     try:
-        await store.conversation(user, str(conversation_id))
+        branch = await store.branch(
+            user, str(conversation_id), limit=limit, before=before, leaf=leaf
+        )
     except ConversationNotFound:
         raise _not_found() from None
-    found = await store.messages(str(conversation_id), limit=limit + 1, before=before)
-    page = found[-limit:]
+    except MessageRefused as refusal:
+        raise invalid(("query", refusal.field), refusal.reason) from None
+    return MessagePage(messages=_messages_out(branch), has_more=branch.has_more)
+
+
+def _messages_out(branch: Branch) -> list[MessageOut]:
     out = []
-    for message in page:
+    for message in branch.messages:
         body = turns.message_json(message)
         if message.status == "streaming" and (live := streams.live_turn(message.turn_id)):
             body["content"] = live.text
-        out.append(MessageOut(**body))
-    return MessagePage(messages=out, has_more=len(found) > limit)
+        out.append(MessageOut(**body, siblings=branch.siblings.get(message.id, [message.id])))
+    return out
+
+
+TURN_REFUSALS: dict[int | str, dict[str, Any]] = {
+    **NOT_FOUND,
+    409: {"model": Problem, "description": "A reply is still being written here."},
+    429: {"model": Problem, "description": "Beyond your limits (accounts mode)."},
+}
+IdempotencyKey = Annotated[
+    str | None,
+    Header(description="Sending again with the same key returns the same turn."),
+]
 
 
 @router.post(
@@ -291,9 +384,11 @@ async def list_messages(
     status_code=http_status.HTTP_202_ACCEPTED,
     response_model=TurnStarted,
     responses={
-        **NOT_FOUND,
-        409: {"model": Problem, "description": "A reply is still being written here."},
-        422: {"description": "Empty or too long, or an idempotency key reused."},
+        **TURN_REFUSALS,
+        422: {
+            "description": "Empty or too long, `replaces` not a message of yours in this "
+            "conversation, or an idempotency key reused."
+        },
     },
     tags=["conversations"],
 )
@@ -302,12 +397,10 @@ async def send_message(
     conversation_id: ConversationId,
     body: NewMessage,
     request: Request,
-    idempotency_key: Annotated[
-        str | None,
-        Header(description="Sending again with the same key returns the same turn."),
-    ] = None,
+    idempotency_key: IdempotencyKey = None,
 ) -> TurnStarted:
-    """Start a turn; its reply streams from ``stream_url``."""
+    """Start a turn; its reply streams from ``stream_url``. With ``replaces``, the
+    message is a new version of an earlier one of yours (edit and resend)."""
     settings = request.app.state.settings
     check_message(body.content, settings.max_message_chars, ("body", "content"))
     check_idempotency_key(idempotency_key)
@@ -320,23 +413,69 @@ async def send_message(
                 idempotency_key=idempotency_key,
                 stream=True,
                 limits=turns.limits(settings),
+                replaces=body.replaces,
             )
-        except ConversationNotFound:
-            raise _not_found() from None
-        except ConversationBusy:
-            raise HTTPException(
-                http_status.HTTP_409_CONFLICT,
-                detail="A reply is still being written in this conversation; wait or stop it.",
-            ) from None
+        except MessageRefused as refusal:
+            raise invalid(("body", "replaces"), refusal.reason) from None
+    return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+
+
+@router.post(
+    "/conversations/{conversation_id}/messages/{message_id}/regenerate",
+    status_code=http_status.HTTP_202_ACCEPTED,
+    response_model=TurnStarted,
+    responses={
+        **TURN_REFUSALS,
+        404: {"model": Problem, "description": "No such conversation or message of yours."},
+        422: {"description": "Not a reply, or an idempotency key reused."},
+    },
+    tags=["conversations"],
+)
+async def regenerate(
+    user: User,
+    conversation_id: ConversationId,
+    message_id: Annotated[int, Path(ge=1, le=MAX_ID, description="The reply's id.")],
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
+) -> TurnStarted:
+    """Ask the model again for a reply: a turn like sending, whose reply is a new version
+    of that one (the old one is kept, as a sibling), answering the same message, on the
+    same branch. Its reply streams from ``stream_url``."""
+    check_idempotency_key(idempotency_key)
+    with turn_refusals():
+        try:
+            turn_id, _handle = await turns.start_turn(
+                user,
+                str(conversation_id),
+                "",
+                idempotency_key=idempotency_key,
+                stream=True,
+                limits=turns.limits(request.app.state.settings),
+                regenerates=message_id,
+            )
+        except MessageRefused as refusal:
+            if refusal.missing:
+                raise HTTPException(
+                    http_status.HTTP_404_NOT_FOUND, detail="No such message."
+                ) from None
+            raise invalid(("path", "message_id"), refusal.reason) from None
     return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
 
 
 @contextlib.contextmanager
 def turn_refusals() -> Iterator[None]:
-    """The refusals every way of starting a turn shares, as HTTP errors: an idempotency
-    key reused for another message (422), and a user's limits (429)."""
+    """The refusals every way of starting a turn shares, as HTTP errors: no such
+    conversation (404), a reply still being written in it (409), an idempotency key
+    reused for another request (422), and a user's limits (429)."""
     try:
         yield
+    except ConversationNotFound:
+        raise _not_found() from None
+    except ConversationBusy:
+        raise HTTPException(
+            http_status.HTTP_409_CONFLICT,
+            detail="A reply is still being written in this conversation; wait or stop it.",
+        ) from None
     except turns.KeyReused:
         raise invalid(
             ("header", "Idempotency-Key"),

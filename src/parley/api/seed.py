@@ -49,7 +49,10 @@ class Times(BaseModel):
         description="CPU seconds the embedded model's processes used in the window "
         "(null when the model is a remote provider)."
     )
-    wall_clock_time: float = Field(description="Seconds the turns finished in the window took.")
+    wall_clock_time: float = Field(
+        description="Turn-seconds in the window: the time each turn ran inside it, turns "
+        "still running included."
+    )
     turns: int = Field(description="Turns finished in the window.")
     window_seconds: float
 

@@ -3,10 +3,25 @@
 // markup that can run script or fetch anything (see render()).
 import { Marked } from "./vendor/marked-18.2.1.esm.js";
 import DOMPurify from "./vendor/purify-3.4.18.es.mjs";
+import hljs from "./vendor/highlight-11.12.0.min.js";
 
 const $ = (selector) => document.querySelector(selector);
 // mode: "open" (a name, no password) or "accounts" (sign in; see /api/auth).
-const state = { mode: "open", user: null, conversations: [], current: null, turn: null };
+const state = {
+  mode: "open",
+  user: null,
+  conversations: [], // the sidebar's, most recently active first, as far as loaded
+  moreConversations: false, // whether older ones exist (the sidebar loads them on scroll)
+  loadingConversations: null, // the request for the next page, while it runs
+  current: null, // the open conversation's id
+  conversation: null, // the open conversation: {id, title, model, system_prompt, ...}
+  olderMessages: false, // whether the branch on screen goes back further
+  loadingOlder: null, // the request for older messages, while it runs
+  models: [], // GET /api/models
+  turn: null, // the reply being followed
+};
+const MESSAGE_PAGE = 50;
+const CONVERSATION_PAGE = 50;
 
 // --- Who is chatting ------------------------------------------------------------------
 
@@ -37,8 +52,9 @@ function cookie(name) {
   return found ? decodeURIComponent(found.slice(name.length + 1)) : "";
 }
 
-async function api(method, path, body) {
-  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+async function api(method, path, body, extraHeaders = {}) {
+  const headers = { ...extraHeaders };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   // Accounts mode: a change carries the session's CSRF token, which only this page can read.
   if (method !== "GET" && cookie("parley_csrf")) headers["X-CSRF-Token"] = cookie("parley_csrf");
   let response;
@@ -64,6 +80,13 @@ async function api(method, path, body) {
     throw new ApiError(response.status, detail);
   }
   return response.status === 204 ? null : response.json();
+}
+
+// An Idempotency-Key for a request that starts a turn: sent again after its answer was
+// lost, it starts one turn, not two. (crypto.randomUUID needs HTTPS; this does not.)
+function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
 }
 
 // --- Markdown, made safe -----------------------------------------------------------------
@@ -98,8 +121,33 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-function render(element, text) {
+// Code highlighting works on a sanitized block's text; what highlight.js makes of it (the
+// text, escaped, in spans with classes) is sanitized again before it is shown. A block
+// that names no language known here is only guessed at once the reply is complete.
+const HIGHLIGHTED = { ALLOWED_TAGS: ["span"], ALLOWED_ATTR: ["class"] };
+const GUESS_AT_MOST = 20_000;
+
+function highlight(code, final) {
+  const named = [...code.classList].find((name) => name.startsWith("language-"))?.slice(9);
+  const language = named && hljs.getLanguage(named) ? named : null;
+  const text = code.textContent;
+  if (!language && (!final || text.length > GUESS_AT_MOST)) return;
+  let result;
+  try {
+    result = language
+      ? hljs.highlight(text, { language, ignoreIllegals: true })
+      : hljs.highlightAuto(text);
+  } catch {
+    return; // left as plain text
+  }
+  if (!result.language) return;
+  code.innerHTML = DOMPurify.sanitize(result.value, HIGHLIGHTED);
+  code.classList.add("hljs");
+}
+
+function render(element, text, { final = true } = {}) {
   element.innerHTML = DOMPurify.sanitize(markdown.parse(text), SANITIZE);
+  for (const code of element.querySelectorAll("pre > code")) highlight(code, final);
   for (const pre of element.querySelectorAll("pre")) {
     const copy = document.createElement("button");
     copy.type = "button";
@@ -121,23 +169,98 @@ function render(element, text) {
 
 // --- Messages -----------------------------------------------------------------------------
 
+// Each message element's message, as the server sent it (a reply being written: as far
+// as it is written), for its Copy, Edit, Regenerate and version buttons.
+const shown = new WeakMap();
+
 function messageElement(message) {
   const item = document.createElement("li");
   item.className = `message ${message.role}`;
   item.dataset.status = message.status;
   if (message.turn_id) item.dataset.turn = message.turn_id;
+  if (message.id) item.dataset.id = message.id;
+  shown.set(item, { ...message });
   const who = document.createElement("span");
   who.className = "visually-hidden";
   who.textContent = message.role === "user" ? "You said:" : "Parley said:";
   const content = document.createElement("div");
   content.className = "content";
-  item.append(who, content);
+  item.append(who, content, messageActions(item));
   if (message.role === "user") {
     content.textContent = message.content;
   } else {
-    render(content, message.content);
+    render(content, message.content, { final: message.status !== "streaming" });
   }
   return item;
+}
+
+function smallButton(text, label, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  if (label) button.setAttribute("aria-label", label);
+  button.addEventListener("click", action);
+  return button;
+}
+
+// A button that does nothing while a reply is being written (see setStreaming).
+function whenIdle(button, unavailable = false) {
+  button.classList.add("when-idle");
+  button.dataset.unavailable = String(unavailable);
+  button.disabled = unavailable || Boolean(state.turn);
+  return button;
+}
+
+// Under a message: its versions (‹ 2/3 ›), Copy, and Edit (yours) or Regenerate (replies).
+function messageActions(item) {
+  const message = shown.get(item);
+  const bar = document.createElement("div");
+  bar.className = "actions";
+  const siblings = message.siblings ?? [];
+  const at = siblings.indexOf(message.id);
+  if (message.id && siblings.length > 1 && at >= 0) {
+    const versions = document.createElement("span");
+    versions.className = "versions";
+    const where = document.createElement("span");
+    where.className = "version";
+    where.textContent = `${at + 1}/${siblings.length}`;
+    versions.append(
+      whenIdle(smallButton("‹", "Previous version", () => showVersion(siblings[at - 1])), at === 0),
+      where,
+      whenIdle(
+        smallButton("›", "Next version", () => showVersion(siblings[at + 1])),
+        at === siblings.length - 1,
+      ),
+    );
+    bar.append(versions);
+  }
+  const copy = smallButton("Copy", "Copy message", async () => {
+    try {
+      await navigator.clipboard.writeText(shown.get(item).content);
+      copy.textContent = "Copied";
+    } catch {
+      copy.textContent = "Copy failed";
+    }
+    setTimeout(() => (copy.textContent = "Copy"), 1500);
+  });
+  bar.append(copy);
+  if (message.id && message.role === "user") {
+    bar.append(whenIdle(smallButton("Edit", null, () => startEdit(item))));
+  } else if (message.id && message.status !== "streaming") {
+    bar.append(whenIdle(smallButton("Regenerate", null, () => regenerate(message.id))));
+  }
+  return bar;
+}
+
+function refreshActions(item) {
+  item.querySelector(":scope > .actions")?.replaceWith(messageActions(item));
+}
+
+// Notes about a message go under its text, above its buttons.
+function addNote(item, note) {
+  const actions = item.querySelector(":scope > .actions");
+  if (actions) actions.before(note);
+  else item.append(note);
 }
 
 function showMessage(message) {
@@ -155,7 +278,7 @@ function markEnded(item, status, note) {
   const ended = document.createElement("p");
   ended.className = "ended";
   ended.textContent = note;
-  item.append(ended);
+  addNote(item, ended);
 }
 
 function markFailed(item, detail, userText) {
@@ -173,7 +296,7 @@ function markFailed(item, detail, userText) {
     retry.addEventListener("click", () => send(userText));
     failure.append(" ", retry);
   }
-  item.append(failure);
+  addNote(item, failure);
 }
 
 function showNotice(text, retry) {
@@ -192,7 +315,8 @@ function follow(turnId, item, userText) {
   stopFollowing();
   const content = item.querySelector(".content");
   const source = new EventSource(`/api/turns/${encodeURIComponent(turnId)}/stream`);
-  const turn = { id: turnId, source, text: "", pending: false };
+  const turn = { id: turnId, source, text: "", pending: false, ended: false };
+  const message = shown.get(item);
   state.turn = turn;
   setStreaming(true);
 
@@ -201,8 +325,12 @@ function follow(turnId, item, userText) {
     turn.pending = true;
     requestAnimationFrame(() => {
       turn.pending = false;
-      render(content, turn.text);
-      item.scrollIntoView({ block: "end" });
+      if (turn.ended) return;
+      // Kept in view while it grows, unless the reader scrolled up to read.
+      const stick = nearBottom();
+      render(content, turn.text, { final: false });
+      if (message) message.content = turn.text;
+      if (stick) item.scrollIntoView({ block: "end" });
     });
   };
   // While the turn waits for the model (provider limits), a note says where it stands:
@@ -215,7 +343,8 @@ function follow(turnId, item, userText) {
     note.textContent = `Waiting for the model (position ${position})`;
     content.after(note);
   };
-  const end = () => {
+  const end = (final) => {
+    turn.ended = true;
     waiting(null);
     source.close();
     if (state.turn === turn) {
@@ -223,6 +352,8 @@ function follow(turnId, item, userText) {
       setStreaming(false);
     }
     connection(null);
+    if (message) Object.assign(message, { content: turn.text }, final);
+    refreshActions(item);
     loadConversations();
   };
 
@@ -241,11 +372,12 @@ function follow(turnId, item, userText) {
   });
   for (const kind of ["done", "stopped"]) {
     source.addEventListener(kind, (event) => {
-      const message = JSON.parse(event.data).message;
-      turn.text = message ? message.content : turn.text;
+      const final = JSON.parse(event.data).message;
+      turn.text = final ? final.content : turn.text;
       render(content, turn.text);
-      markEnded(item, kind === "done" ? "complete" : "stopped", kind === "stopped" ? "Stopped." : "");
-      end();
+      const status = kind === "done" ? "complete" : "stopped";
+      markEnded(item, status, kind === "stopped" ? "Stopped." : "");
+      end({ status, ...final });
     });
   }
   source.addEventListener("error", (event) => {
@@ -253,12 +385,12 @@ function follow(turnId, item, userText) {
       // The turn failed: the server says why.
       render(content, turn.text);
       markFailed(item, JSON.parse(event.data).detail, userText);
-      end();
+      end({ status: "failed" });
     } else if (source.readyState === EventSource.CONNECTING) {
       connection("Connection lost; reconnecting…");
     } else {
       markFailed(item, "The reply could not be loaded.", userText);
-      end();
+      end({ status: "failed" });
     }
   });
 }
@@ -275,6 +407,15 @@ function stopFollowing() {
 function setStreaming(on) {
   $("#stop").hidden = !on;
   $("#send").hidden = on;
+  // One reply at a time: no regenerating, editing or switching versions meanwhile.
+  for (const button of document.querySelectorAll("#messages .when-idle")) {
+    button.disabled = on || button.dataset.unavailable === "true";
+  }
+}
+
+function nearBottom() {
+  const view = $("#conversation");
+  return view.scrollHeight - view.scrollTop - view.clientHeight < 120;
 }
 
 function connection(text) {
@@ -293,45 +434,212 @@ async function stop() {
 
 // --- Sending ------------------------------------------------------------------------------
 
+// The key of a send whose answer was lost: sending the same text again reuses it.
+let unanswered = null;
+
 async function send(text) {
   if (!text.trim() || state.turn) return;
   $("#notice").hidden = true;
   const input = $("#message-input");
   input.value = "";
   let sent = null;
+  let key = newKey();
+  let turn;
   try {
-    if (!state.current) {
-      const created = await api("POST", "/api/conversations");
-      await openConversation(created.id, { push: true });
-    }
+    await ensureConversation();
+    if (unanswered?.text === text && unanswered.conversation === state.current) key = unanswered.key;
+    unanswered = null;
     sent = showMessage({ role: "user", content: text, status: "complete" });
-    const turn = await api("POST", `/api/conversations/${state.current}/messages`, { content: text });
-    sent.dataset.turn = turn.turn_id;
-    const reply = showMessage({ role: "assistant", content: "", status: "streaming", turn_id: turn.turn_id });
-    follow(turn.turn_id, reply, text);
+    turn = await api("POST", `/api/conversations/${state.current}/messages`, { content: text }, {
+      "Idempotency-Key": key,
+    });
   } catch (error) {
     sent?.remove();
+    if (error.status === 0) unanswered = { text, key, conversation: state.current };
     // The user's words are never lost: they go back where they were typed.
     if (!input.value) input.value = text;
     showNotice(error.message, () => send(input.value));
+    return;
   }
+  sent.dataset.turn = turn.turn_id;
+  await showTurn(turn, text);
+}
+
+async function ensureConversation() {
+  if (state.current) return;
+  const created = await api("POST", "/api/conversations");
+  await openConversation(created.id, { push: true });
+}
+
+// A turn was started (a message sent, edited or a reply regenerated): the branch is read
+// again, now ending with its reply, which is followed as it is written.
+async function showTurn(turn, userText) {
+  const id = state.current;
+  try {
+    await reloadBranch();
+  } catch {
+    // Not shown afresh: the reply is followed all the same, below.
+  }
+  if (state.current !== id || state.turn?.id === turn.turn_id) return;
+  const replies = [...document.querySelectorAll("#messages .message.assistant")];
+  if (replies.some((item) => item.dataset.turn === turn.turn_id)) return; // already ended
+  const reply = showMessage({ role: "assistant", content: "", status: "streaming", turn_id: turn.turn_id });
+  follow(turn.turn_id, reply, userText);
+}
+
+async function regenerate(messageId, key = newKey()) {
+  if (state.turn || !state.current) return;
+  $("#notice").hidden = true;
+  const path = `/api/conversations/${state.current}/messages/${messageId}/regenerate`;
+  let turn;
+  try {
+    turn = await api("POST", path, undefined, { "Idempotency-Key": key });
+  } catch (error) {
+    showNotice(error.message, () => regenerate(messageId, error.status === 0 ? key : newKey()));
+    return;
+  }
+  await showTurn(turn, "");
+}
+
+// Edit: the message becomes a box with Save and Cancel; Save sends the new version, which
+// replaces it on a branch of its own (the old one stays, a version away).
+function startEdit(item) {
+  const message = shown.get(item);
+  if (state.turn || item.querySelector(".editing")) return;
+  const content = item.querySelector(".content");
+  const actions = item.querySelector(":scope > .actions");
+  const form = document.createElement("form");
+  form.className = "editing";
+  const box = document.createElement("textarea");
+  box.value = message.content;
+  box.rows = Math.min(12, message.content.split("\n").length + 1);
+  box.setAttribute("aria-label", "Edit your message");
+  const save = document.createElement("button");
+  save.type = "submit";
+  save.className = "primary";
+  save.textContent = "Save";
+  const cancel = smallButton("Cancel", null, () => close());
+  const buttons = document.createElement("div");
+  buttons.className = "editing-buttons";
+  buttons.append(save, cancel);
+  form.append(box, buttons);
+  content.hidden = true;
+  actions.hidden = true;
+  content.after(form);
+  box.focus();
+  const close = () => {
+    form.remove();
+    content.hidden = false;
+    actions.hidden = false;
+  };
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      close();
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+  let lost = null; // {text, key} of a save whose answer was lost
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = box.value;
+    if (!text.trim() || state.turn) return;
+    const key = lost?.text === text ? lost.key : newKey();
+    save.disabled = true;
+    $("#notice").hidden = true;
+    let turn;
+    try {
+      turn = await api(
+        "POST",
+        `/api/conversations/${state.current}/messages`,
+        { content: text, replaces: message.id },
+        { "Idempotency-Key": key },
+      );
+    } catch (error) {
+      save.disabled = false;
+      lost = error.status === 0 ? { text, key } : null;
+      showNotice(error.message);
+      return;
+    }
+    await showTurn(turn, text);
+  });
+}
+
+// The version ‹ › buttons: the branch through that version becomes the current one.
+async function showVersion(messageId) {
+  if (state.turn || messageId === undefined) return;
+  $("#notice").hidden = true;
+  try {
+    await reloadBranch(`&leaf=${encodeURIComponent(messageId)}`);
+  } catch (error) {
+    showNotice(error.message);
+    return;
+  }
+  // Keep the version chosen in view, loading older messages if the branch's last page
+  // does not reach back to it.
+  const find = () => document.querySelector(`#messages .message[data-id="${CSS.escape(String(messageId))}"]`);
+  for (let pages = 0; !find() && state.olderMessages && pages < 20; pages += 1) {
+    if (!(await loadOlder())) break;
+  }
+  find()?.scrollIntoView({ block: "nearest" });
 }
 
 // --- Conversations ----------------------------------------------------------------------
 
+// The sidebar's first page again (as long as what it shows: a reply moves its
+// conversation to the top, and a rename changes a title).
 async function loadConversations() {
+  const limit = Math.min(200, Math.max(CONVERSATION_PAGE, state.conversations.length));
   try {
-    const page = await api("GET", "/api/conversations?limit=200");
+    const page = await api("GET", `/api/conversations?limit=${limit}`);
     state.conversations = page.conversations;
+    state.moreConversations = page.has_more;
   } catch (error) {
     showNotice(error.message, loadConversations);
     return;
   }
   renderSidebar();
+  moreConversationsIfNeeded();
+}
+
+// Older conversations, as the sidebar is scrolled down to its end.
+function moreConversationsIfNeeded() {
+  const list = $("#conversation-list");
+  const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 150;
+  if (atEnd && state.moreConversations && !state.loadingConversations && !$("#app").hidden) {
+    state.loadingConversations = moreConversations().finally(() => {
+      state.loadingConversations = null;
+    });
+  }
+}
+
+async function moreConversations() {
+  const last = state.conversations.at(-1);
+  if (!last) return;
+  const query = new URLSearchParams({
+    limit: String(CONVERSATION_PAGE),
+    before: last.updated_at,
+    before_id: last.id,
+  });
+  let page;
+  try {
+    page = await api("GET", `/api/conversations?${query}`);
+  } catch (error) {
+    showNotice(error.message, moreConversationsIfNeeded);
+    return;
+  }
+  const known = new Set(state.conversations.map((c) => c.id));
+  state.conversations.push(...page.conversations.filter((c) => !known.has(c.id)));
+  state.moreConversations = page.has_more;
+  renderSidebar();
+  setTimeout(moreConversationsIfNeeded);
 }
 
 function renderSidebar() {
   const list = $("#conversation-list");
+  const scrolled = list.scrollTop;
   list.replaceChildren();
   for (const conversation of state.conversations) {
     const item = document.createElement("li");
@@ -352,7 +660,8 @@ function renderSidebar() {
     item.append(open, rename, remove);
     list.append(item);
   }
-  const current = state.conversations.find((c) => c.id === state.current);
+  list.scrollTop = scrolled;
+  const current = state.conversations.find((c) => c.id === state.current) ?? state.conversation;
   $("#title").textContent = current ? current.title : "Parley";
 }
 
@@ -411,39 +720,193 @@ async function deleteConversation(conversation) {
   if (conversation.id === state.current) {
     stopFollowing();
     state.current = null;
+    state.conversation = null;
+    state.olderMessages = false;
     history.pushState(null, "", location.pathname);
     $("#messages").replaceChildren();
     $("#empty").hidden = false;
+    showSettings();
   }
   loadConversations();
 }
 
-async function openConversation(id, { push }) {
+// push: a new entry in the browser's history; replace: the URL says which one is open.
+async function openConversation(id, { push = false, replace = false } = {}) {
   stopFollowing();
   state.current = id;
+  state.conversation = null;
+  state.olderMessages = false;
   const url = `?c=${id}`;
   if (push && location.search !== url) history.pushState(null, "", url);
+  if (replace) history.replaceState(null, "", url);
   $("#messages").replaceChildren();
   $("#notice").hidden = true;
+  showInstructions(false);
   renderSidebar();
+  showSettings();
   let page;
+  let conversation;
   try {
-    page = await api("GET", `/api/conversations/${id}/messages?limit=200`);
+    [page, conversation] = await Promise.all([
+      api("GET", messagesPath(id)),
+      api("GET", `/api/conversations/${id}`),
+    ]);
   } catch (error) {
+    if (state.current !== id) return;
     state.current = null;
+    showSettings();
     showNotice(error.status === 404 ? "That conversation does not exist (or is not yours)." : error.message);
     return;
   }
   if (state.current !== id) return; // another one was opened meanwhile
+  state.conversation = conversation;
+  renderSidebar();
+  showSettings();
+  showBranch(page);
+}
+
+function messagesPath(id, query = "") {
+  return `/api/conversations/${id}/messages?limit=${MESSAGE_PAGE}${query}`;
+}
+
+// The open conversation's current branch, read again (query: "&leaf=<id>" makes the
+// branch through that message the current one).
+async function reloadBranch(query = "") {
+  const id = state.current;
+  const page = await api("GET", messagesPath(id, query));
+  if (state.current === id) showBranch(page);
+}
+
+// Shows the latest page of a branch in place of what was shown, and follows its reply
+// if one is still being written.
+function showBranch(page) {
+  stopFollowing();
+  const list = $("#messages");
+  list.replaceChildren();
+  state.olderMessages = page.has_more;
   $("#empty").hidden = page.messages.length > 0;
   let lastUserText = "";
+  let streaming = null;
   for (const message of page.messages) {
-    const item = showMessage(message);
+    const item = messageElement(message);
+    list.append(item);
     if (message.role === "user") lastUserText = message.content;
     else if (message.status === "stopped") markEnded(item, "stopped", "Stopped.");
     else if (message.status === "failed") markFailed(item, message.error, lastUserText);
-    else if (message.status === "streaming") follow(message.turn_id, item, lastUserText);
+    else if (message.status === "streaming") streaming = [message.turn_id, item, lastUserText];
   }
+  list.lastElementChild?.scrollIntoView({ block: "end" });
+  if (streaming) follow(...streaming);
+  olderIfNeeded();
+}
+
+// Older messages, as the conversation is scrolled up to its top: they go above, and what
+// was on screen stays where it was.
+function olderIfNeeded() {
+  if ($("#conversation").scrollTop < 300) loadOlder();
+}
+
+function loadOlder() {
+  if (!state.olderMessages) return Promise.resolve(false);
+  if (!state.loadingOlder) {
+    state.loadingOlder = fetchOlder().finally(() => {
+      state.loadingOlder = null;
+    });
+    state.loadingOlder.then((loaded) => loaded && setTimeout(olderIfNeeded));
+  }
+  return state.loadingOlder;
+}
+
+async function fetchOlder() {
+  const id = state.current;
+  const oldest = $("#messages .message[data-id]");
+  if (!id || !oldest) return false;
+  let page;
+  try {
+    page = await api("GET", messagesPath(id, `&before=${oldest.dataset.id}`));
+  } catch (error) {
+    showNotice(error.message, loadOlder);
+    return false;
+  }
+  if (state.current !== id || !oldest.isConnected) return false; // shown afresh meanwhile
+  const view = $("#conversation");
+  const fromBottom = view.scrollHeight - view.scrollTop;
+  const on = new Set([...document.querySelectorAll("#messages .message[data-id]")].map((m) => m.dataset.id));
+  const older = document.createDocumentFragment();
+  let lastUserText = "";
+  for (const message of page.messages) {
+    if (message.role === "user") lastUserText = message.content;
+    if (on.has(String(message.id))) continue;
+    const item = messageElement(message);
+    older.append(item);
+    if (message.status === "stopped") markEnded(item, "stopped", "Stopped.");
+    else if (message.status === "failed") markFailed(item, message.error, lastUserText);
+  }
+  $("#messages").prepend(older);
+  view.scrollTop = view.scrollHeight - fromBottom;
+  state.olderMessages = page.has_more;
+  return true;
+}
+
+// --- The open conversation's model and instructions -------------------------------------
+
+async function loadModels() {
+  try {
+    state.models = await api("GET", "/api/models");
+  } catch {
+    state.models = []; // no picker
+  }
+  showSettings();
+}
+
+function showSettings() {
+  const select = $("#model");
+  const models = Array.isArray(state.models) ? state.models : [];
+  const fallback = models.find((model) => model.default) ?? models[0];
+  const chosen = state.conversation?.model ?? fallback?.name;
+  const options = models.map(
+    (model) => new Option(model.default ? `${model.name} (default)` : model.name, model.name),
+  );
+  if (chosen && !models.some((model) => model.name === chosen)) {
+    options.push(new Option(`${chosen} (unavailable)`, chosen));
+  }
+  select.replaceChildren(...options);
+  if (chosen) select.value = chosen;
+  select.hidden = models.length === 0;
+  // Neither is changed while the open conversation's settings are still being read.
+  const loading = Boolean(state.current) && !state.conversation;
+  // Shown, but not to be changed, when there is one model: the user sees which answers.
+  select.disabled = models.length < 2 || loading;
+  $("#instructions-toggle").disabled = loading;
+  const custom = typeof state.conversation?.system_prompt === "string";
+  $("#instructions-toggle").classList.toggle("custom", custom);
+  $("#instructions-toggle").title = custom
+    ? "This conversation has instructions of its own"
+    : "The default instructions apply";
+}
+
+// A change to the open conversation (made first if none is open): PATCH, then shown.
+async function changeConversation(change) {
+  try {
+    const created = !state.current;
+    await ensureConversation();
+    state.conversation = await api("PATCH", `/api/conversations/${state.current}`, change);
+    if (created) loadConversations();
+    return true;
+  } catch (error) {
+    showNotice(error.message);
+    return false;
+  } finally {
+    showSettings();
+  }
+}
+
+function showInstructions(open) {
+  $("#instructions").hidden = !open;
+  $("#instructions-toggle").setAttribute("aria-expanded", String(open));
+  if (!open) return;
+  $("#instructions-input").value = state.conversation?.system_prompt ?? "";
+  $("#instructions-input").focus();
 }
 
 // --- Usage panel ----------------------------------------------------------------------------
@@ -452,8 +915,26 @@ function seconds(value) {
   return value === null || value === undefined ? "–" : `${value.toFixed(3)} s`;
 }
 
-function dollars(value) {
-  return value < 0.01 ? `$${value.toFixed(7)}` : `$${value.toFixed(4)}`;
+// Amounts of money to a few significant digits ("$0.0000098", "$0.00021"), never a string
+// of digits nobody reads; 0 is "$0".
+function dollars(value, digits = 2) {
+  if (value === null || value === undefined) return "–";
+  return new Intl.NumberFormat("en-US", {
+    style: "currency",
+    currency: "USD",
+    maximumSignificantDigits: digits,
+  }).format(value);
+}
+
+// How many times cheaper (or dearer) billing by CPU time is than by request duration.
+function verdict(costs, windowSeconds) {
+  if (!(costs.duration_billed > 0)) return `No chat ran in the last ${windowSeconds} seconds.`;
+  if (!(costs.cpu_billed > 0)) return "By CPU time, Parley costs nothing.";
+  const ratio = costs.duration_billed / costs.cpu_billed;
+  const times = (x) => (x >= 10 ? Math.round(x).toLocaleString("en-US") : x.toFixed(1));
+  return ratio >= 1
+    ? `By CPU time, Parley costs ${times(ratio)}× less.`
+    : `By CPU time, Parley costs ${times(1 / ratio)}× more.`;
 }
 
 async function refreshUsage() {
@@ -463,45 +944,108 @@ async function refreshUsage() {
   } catch {
     return; // the panel keeps its last figures; the next tick tries again
   }
+  const windowSeconds = Math.round(usage.window_seconds);
+  $("#usage-window").textContent = `Parley, last ${windowSeconds} seconds`;
   $("#cpu-time").textContent = seconds(usage.cpu_time);
   $("#wall-time").textContent = seconds(usage.wall_clock_time);
-  const model = usage.model_cpu_time !== null;
-  $("#model-cpu").hidden = !model;
-  $("#legend-model").hidden = !model;
-  if (model) $("#model-cpu-time").textContent = seconds(usage.model_cpu_time);
   const costs = usage.costs;
   $("#cost-cpu").textContent = dollars(costs.cpu_billed);
   $("#cost-duration").textContent = dollars(costs.duration_billed);
+  $("#verdict").textContent = verdict(costs, windowSeconds);
   $("#rates").textContent =
-    `At ${dollars(costs.price_cpu_second)} per CPU-second and ` +
-    `${dollars(costs.price_request_second)} per second of request time.`;
-  drawChart(usage.series, model);
+    `At ${dollars(costs.price_cpu_second, 3)} per vCPU-second and ` +
+    `${dollars(costs.price_request_second, 3)} per second of request time.`;
+  // The model's compute, apart: whoever runs the model bills it, however Parley is hosted.
+  const model = usage.model_cpu_time !== null;
+  $("#model-cpu").hidden = !model;
+  $("#legend-model").hidden = !model;
+  if (model) {
+    $("#model-cpu-time").textContent = seconds(usage.model_cpu_time);
+    $("#cost-model").textContent = dollars(costs.model_cpu_billed);
+  }
+  $("#model-note").textContent = model
+    ? "The embedded model's own CPU. Whoever runs a model bills it (a provider by tokens, " +
+      "a machine by the hour), however Parley is hosted: it is not in the comparison above."
+    : "The model runs at your provider, which bills it by tokens however Parley is hosted: " +
+      "it is not in the comparison above.";
+  drawChart(usage.series, usage.bucket_seconds, model);
 }
 
-function drawChart(series, model) {
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// The smallest of 1, 2, 2.5 and 5 times a power of ten at or above ``value``.
+function niceCeiling(value) {
+  const power = 10 ** Math.floor(Math.log10(value));
+  return [1, 2, 2.5, 5, 10].map((step) => step * power).find((top) => top >= value * 0.9999);
+}
+
+function tickLabel(value) {
+  return String(Number(value.toPrecision(3)));
+}
+
+// The last minutes, a point per bucket: seconds per bucket (y) against minutes ago (x).
+function drawChart(series, bucketSeconds, model) {
   const svg = $("#usage-chart");
-  const width = 300;
-  const height = 90;
+  const [width, height] = [240, 124];
+  const plot = { left: 28, right: width - 14, top: 16, bottom: height - 30 };
+  const span = bucketSeconds * series.length;
   const peak = Math.max(
-    0.001,
+    0.01,
     ...series.flatMap((b) => [b.cpu_time, b.wall_clock_time, b.model_cpu_time ?? 0]),
+  );
+  const top = niceCeiling(peak);
+  const x = (secondsAgo) => plot.left + (1 - secondsAgo / span) * (plot.right - plot.left);
+  const y = (value) => plot.bottom - (value / top) * (plot.bottom - plot.top);
+  const parts = [];
+  // The y axis: seconds per bucket, with grid lines at 0, half and the top.
+  for (const value of [0, top / 2, top]) {
+    parts.push(
+      svgElement("line", { x1: plot.left, x2: plot.right, y1: y(value), y2: y(value), class: "grid" }),
+      svgElement("text", { x: plot.left - 4, y: y(value) + 3, class: "tick y" }, tickLabel(value)),
+    );
+  }
+  parts.push(
+    svgElement("text", { x: 2, y: 10, class: "axis-title" }, `seconds per ${bucketSeconds} s`),
+  );
+  // The x axis: minutes ago, now at the right.
+  parts.push(
+    svgElement("line", { x1: plot.left, x2: plot.right, y1: plot.bottom, y2: plot.bottom, class: "axis" }),
+    svgElement("line", { x1: plot.left, x2: plot.left, y1: plot.top, y2: plot.bottom, class: "axis" }),
+  );
+  for (let minutes = Math.floor(span / 60); minutes >= 0; minutes -= 1) {
+    const at = x(minutes * 60);
+    parts.push(
+      svgElement("line", { x1: at, x2: at, y1: plot.bottom, y2: plot.bottom + 3, class: "axis" }),
+      svgElement("text", { x: at, y: plot.bottom + 13, class: "tick x" }, minutes ? String(minutes) : "now"),
+    );
+  }
+  parts.push(
+    svgElement("text", { x: (plot.left + plot.right) / 2, y: height - 3, class: "axis-title x" }, "minutes ago"),
   );
   const line = (pick, name) => {
     const points = series
-      .map((bucket, i) => {
-        const x = (i / Math.max(1, series.length - 1)) * width;
-        const y = height - (pick(bucket) / peak) * (height - 4) - 2;
-        return `${x.toFixed(1)},${y.toFixed(1)}`;
+      .map((bucket) => {
+        const at = x(bucket.seconds_ago + bucketSeconds / 2);
+        return `${at.toFixed(1)},${y(pick(bucket)).toFixed(1)}`;
       })
       .join(" ");
-    const polyline = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-    polyline.setAttribute("points", points);
-    polyline.setAttribute("class", name);
-    return polyline;
+    return svgElement("polyline", { points, class: name });
   };
-  const lines = [line((b) => b.wall_clock_time, "series-wall"), line((b) => b.cpu_time, "series-cpu")];
-  if (model) lines.push(line((b) => b.model_cpu_time ?? 0, "series-model"));
-  svg.replaceChildren(...lines);
+  parts.push(line((b) => b.wall_clock_time, "series-wall"), line((b) => b.cpu_time, "series-cpu"));
+  if (model) parts.push(line((b) => b.model_cpu_time ?? 0, "series-model"));
+  svg.setAttribute(
+    "aria-label",
+    `Seconds per ${bucketSeconds} s over the last ${Math.round(span / 60)} minutes: ` +
+      `Parley's CPU time${model ? ", the local model's CPU time" : ""} and the chats' wall-clock time`,
+  );
+  svg.replaceChildren(...parts);
 }
 
 // --- Start --------------------------------------------------------------------------------
@@ -527,8 +1071,12 @@ async function start(name) {
   $("#name-screen").hidden = true;
   $("#app").hidden = false;
   await loadConversations();
+  loadModels();
   const wanted = conversationInUrl();
-  if (wanted) await openConversation(wanted, { push: false });
+  const latest = state.conversations[0];
+  // A returning user lands on their latest conversation.
+  if (wanted) await openConversation(wanted);
+  else if (latest) await openConversation(latest.id, { replace: true });
   $("#message-input").focus();
 }
 
@@ -574,6 +1122,9 @@ $("#switch-user").addEventListener("click", async () => {
     forgetUser();
   }
   state.current = null;
+  state.conversation = null;
+  state.conversations = [];
+  state.moreConversations = false;
   history.pushState(null, "", location.pathname);
   $("#messages").replaceChildren();
   askName();
@@ -607,6 +1158,32 @@ document.addEventListener("keydown", (event) => {
 });
 
 $("#stop").addEventListener("click", stop);
+
+$("#conversation").addEventListener("scroll", olderIfNeeded, { passive: true });
+$("#conversation-list").addEventListener("scroll", moreConversationsIfNeeded, { passive: true });
+
+$("#model").addEventListener("change", () => {
+  const chosen = state.models.find((model) => model.name === $("#model").value);
+  // The default model is null: the conversation follows the server's default.
+  changeConversation({ model: chosen?.default ? null : $("#model").value });
+});
+
+$("#instructions-toggle").addEventListener("click", () => showInstructions($("#instructions").hidden));
+$("#instructions-cancel").addEventListener("click", () => showInstructions(false));
+$("#instructions").addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    event.stopPropagation();
+    showInstructions(false);
+  }
+});
+$("#instructions").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("#instructions-input").value;
+  if (await changeConversation({ system_prompt: text.trim() ? text : null })) showInstructions(false);
+});
+$("#instructions-reset").addEventListener("click", async () => {
+  if (await changeConversation({ system_prompt: null })) showInstructions(false);
+});
 
 $("#toggle-sidebar").addEventListener("click", () => {
   const open = document.body.classList.toggle("sidebar-open");
