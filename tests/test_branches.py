@@ -591,3 +591,62 @@ def test_a_regeneration_killed_mid_reply_completes_once_on_its_branch(
     # The old branch is untouched.
     old = branch(http, conversation, leaf=first_reply["id"])
     assert contents(old) == [one, take_for(one, 1), two, reply_for(two)]
+
+
+def test_a_model_without_a_base_url_goes_to_openai_not_the_default_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unset, the client would read OPENAI_BASE_URL (the default model's provider) and
+    send it the other model's key."""
+    from parley.config import Settings
+    from parley.llm import OPENAI_API_URL, make_chat_model
+
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    settings = Settings(models=[{"name": "GPT-4o mini", "api_key": "sk-x", "model": "gpt-4o-mini"}])
+    default = make_chat_model(settings)
+    other = make_chat_model(settings, choice=settings.models[0])
+    assert str(default.root_async_client.base_url).startswith("http://127.0.0.1:9/v1")
+    assert str(other.root_async_client.base_url).rstrip("/") == OPENAI_API_URL
+
+
+def test_switching_branch_while_sending_never_drops_a_sent_message(
+    http: httpx.Client, server: ParleyServer
+) -> None:
+    """Each message sent follows the end of a branch: none may become a version of
+    another one sent here, however branch switches interleave with the sends."""
+    conversation = new_conversation(http)
+    send_and_finish(http, conversation, unique("root"))
+    root = messages(http, conversation)[0]
+    finish(http, edit(http, conversation, root["id"], unique("other root")))
+    tops = [root["id"], messages(http, conversation)[0]["id"]]
+    user = http.headers["X-Parley-User"]
+    done = False
+
+    def switch() -> int:
+        switches = 0
+        with as_user(server.client(), user) as own:
+            while not done:
+                answer = own.get(
+                    f"/api/conversations/{conversation}/messages",
+                    params={"leaf": tops[switches % 2]},
+                )
+                assert answer.status_code == 200, answer.text
+                switches += 1
+        return switches
+
+    sent = [unique(f"sent {i}") for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        switchers = [pool.submit(switch) for _ in range(2)]
+        try:
+            for text in sent:
+                send_and_finish(http, conversation, text)
+        finally:
+            done = True
+        assert all(switcher.result() > 0 for switcher in switchers)
+    seen: dict[str, dict[str, Any]] = {}
+    for top in tops:
+        for message in branch(http, conversation, leaf=top, limit=200):
+            seen[message["content"]] = message
+    assert set(sent) <= set(seen), "a sent message is on no branch's newest path"
+    for text in sent:
+        assert seen[text]["siblings"] == [seen[text]["id"]], text

@@ -106,3 +106,20 @@ def test_idle_connections_outlive_a_clients_own_keep_alive(
         assert conn.sock is connection
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    ("models", "says"),
+    [
+        ('[{"name": "a"', "it must be JSON"),
+        ('[{"name": "a"}, {"name": "a"}]', "each model needs a name of its own"),
+        ('[{"name": "a", "api_key": "sk-secret", "colour": 1}]', "models.0.colour"),
+        ('[{"name": "gpt-3.5-turbo"}]', "is the default model's name"),
+    ],
+)
+def test_bad_models_are_one_clear_line_without_keys(models: str, says: str) -> None:
+    result = run("serve", env={"PARLEY_MODELS": models, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("parley: ") and says in line, line
+    assert "sk-secret" not in result.stderr

@@ -524,3 +524,74 @@ def test_a_rolling_upgrade_finishes_the_old_versions_turns_on_the_new_one(
     send_and_finish(on_new, conversation, follow_up)
     assert provider.remembered(follow_up) == [text, reply_for(text)]
     wait_for(lambda: pending_turns(cluster_url) == 0)
+
+
+# The last release before branches: its turns are "turns-2", and it has heartbeats.
+RELEASE_BEFORE_BRANCHES = "6e10cf1"
+
+
+@pytest.fixture(scope="module")
+def release_before_branches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unpack_release(RELEASE_BEFORE_BRANCHES, tmp_path_factory.mktemp("release"))
+
+
+def test_a_rolling_upgrade_from_before_branches_adopts_its_turns_and_waits_to_branch(
+    make_server: Callable[..., ParleyServer],
+    cluster_url: str,
+    provider: FakeProvider,
+    release_before_branches: Path,
+) -> None:
+    """A replica of the release before branches and one of this one share the database.
+    While the old one runs, editing and regenerating answer 503 (it would store messages
+    outside the branches); when it dies mid-turn, the new one adopts its turn and
+    finishes it once, with the conversation as memory; then branching works."""
+    old = make_server(
+        cluster_url,
+        PARLEY_EXECUTOR_ID="old-replica",
+        PYTHONPATH=str(release_before_branches),
+        **CLUSTER_ENV,
+    ).start()
+    (new,) = replicas(make_server, cluster_url, ["new-replica"])
+    user = unique("rolling")
+    on_old = as_user(old.client(), user)
+    on_new = as_user(new.client(timeout=60), user)
+    conversation = new_conversation(on_new)
+    first = unique("first")
+    send_and_finish(on_new, conversation, first)
+    asked, reply = messages(on_new, conversation)[:2]
+    path = f"/api/conversations/{conversation}/messages"
+    for refused in (
+        on_new.post(f"{path}/{reply['id']}/regenerate"),
+        on_new.post(path, json={"content": "edited", "replaces": asked["id"]}),
+    ):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "30"
+    assert len(stored(on_new, conversation)) == 2  # nothing stored by the refusals
+
+    text = unique("[hang] sent through the old replica")
+    provider.hold()
+    sent = on_old.post(path, json={"content": text})
+    assert sent.status_code == 202, sent.text
+    turn_id = sent.json()["turn_id"]
+    wait_for(lambda: len(provider.calls_for(text)) == 1)
+    old.kill()
+    provider.release()
+    events = list(stream(on_new, turn_id))
+    assert events[-1].event == "done", events[-1]
+    assert len(provider.calls_for(text)) == 2
+    assert "adopted 1 turns of an earlier version" in new.log()
+    # Asked again by the new release, the model was shown the conversation before it.
+    assert [m["content"] for m in provider.calls_for(text)[1].messages[1:-1]] == [
+        first,
+        reply_for(first),
+    ]
+    wait_for(lambda: pending_turns(cluster_url) == 0)
+
+    # The old replica is gone: branching works, and walks the old replica's messages too.
+    def regenerated() -> bool:
+        return on_new.post(f"{path}/{reply['id']}/regenerate").status_code == 202
+
+    wait_for(regenerated, timeout=60)
+    wait_for(lambda: messages(on_new, conversation)[-1]["status"] == "complete")
+    old_branch = on_new.get(path, params={"leaf": reply["id"]}).json()["messages"]
+    assert [m["content"] for m in old_branch] == [first, reply_for(first), text, reply_for(text)]

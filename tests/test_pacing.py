@@ -42,6 +42,7 @@ class Outcome:
     user: str
     text: str
     sent: float = 0.0
+    accepted: float = 0.0  # when the 202 came
     events: list[str] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     reply: str = ""
@@ -96,6 +97,7 @@ async def _burst_async(url: str, users: int, per_user: int) -> tuple[list[Outcom
                 headers=headers,
             )
             assert response.status_code == 202, response.text
+            outcome.accepted = time.monotonic()
             http_user = httpx.AsyncClient(base_url=url, timeout=600, headers=headers, limits=limits)
             async with http_user:
                 await _read_stream(http_user, response.json()["turn_id"], outcome)
@@ -170,9 +172,17 @@ def test_a_burst_within_the_limits_parley_is_told_is_never_refused(
     assert least <= took <= least * 1.1, (took, least)
     # The turns that waited were told where they stood, before their first piece. (A
     # place may also grow: another user's message joins an earlier round.)
-    waited = [o for o in outcomes if o.first_token - o.sent > 10]
+    # Counted from the 202, as a reader can only ask then; and with room for the burst's
+    # own delay in serving that request (its 300 sends take seconds to store on SQLite),
+    # during which a turn may leave the queue before its reader is told anything.
+    waited = [o for o in outcomes if o.first_token - o.accepted > 15]
     assert len(waited) > 200
-    assert all(o.positions and o.events.index("queued") < o.events.index("token") for o in waited)
+    untold = [
+        (o.text, round(o.accepted - o.sent, 2), round(o.first_token - o.sent, 2))
+        for o in waited
+        if not (o.positions and o.events.index("queued") < o.events.index("token"))
+    ]
+    assert untold == [], (untold[:5], len(untold))
     assert min(min(o.positions) for o in waited) == 1
     assert max(max(o.positions) for o in waited) > 100
 

@@ -286,6 +286,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # executor's own unfinished turns as it starts.
             DBOS.launch()
             stack.callback(DBOS.destroy)
+            # Its turns of an earlier version DBOS did not resume: this version's now, or
+            # ended if this version cannot finish them.
+            await turns.adopt_turns([executor_id])
             await turns.end_turns_of_other_versions(executor_id)
             await pacing.open_queue(settings)
             pacing.gate().announce = chat_store.announce_pause

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from parley import __version__, logs
 from parley.config import ConfigurationError, Settings
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"parley: invalid settings: {problems}")
     except ConfigurationError as error:
         sys.exit(f"parley: {error}")
+    except SettingsError as error:  # a value that is not JSON where JSON is expected
+        sys.exit(f"parley: invalid settings: {error} (it must be JSON)")
     except KeyboardInterrupt:
         pass
 

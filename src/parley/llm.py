@@ -53,6 +53,8 @@ PROVIDER_ERRORS = (
     MalformedReply,
     *TRANSPORT_ERRORS,
 )
+# Where a model of PARLEY_MODELS without a base URL is asked.
+OPENAI_API_URL = "https://api.openai.com/v1"
 # The longest Retry-After Parley honours; a provider asking for more gets a failed attempt.
 MAX_RETRY_AFTER = 60.0
 
@@ -191,7 +193,9 @@ def make_chat_model(
     api_key = secret.get_secret_value() if secret else None
     keep_secret(api_key)  # kept out of error texts (describe) and the log
     if choice is not None:
-        base_url = choice.base_url
+        # Spelled out: left unset, the client would read OPENAI_BASE_URL, the default
+        # model's provider, and send it this model's key.
+        base_url = choice.base_url or OPENAI_API_URL
     model = ChatOpenAI(
         model=choice.provider_model if choice is not None else settings.model_name,
         # Local OpenAI-compatible servers accept any key, but the client insists on one.

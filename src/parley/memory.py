@@ -36,7 +36,7 @@ from langgraph.graph.message import REMOVE_ALL_MESSAGES
 from langgraph.graph.state import CompiledStateGraph
 
 from parley.config import Settings
-from parley.store import Message
+from parley.store import Said
 
 # LangGraph's tables on PostgreSQL live in a schema of their own, apart from ours and DBOS's.
 POSTGRES_SCHEMA = "langgraph"
@@ -80,7 +80,7 @@ class TurnState(MessagesState):
     prompt: list[AnyMessage]
 
 
-def shown(messages: Sequence[Message]) -> list[AnyMessage]:
+def shown(messages: Sequence[Said]) -> list[AnyMessage]:
     """Messages of a branch as the model is shown them, with their turns' ids."""
     return [
         HumanMessage(m.content, id=user_message_id(m.turn_id))

@@ -88,7 +88,8 @@ messages = sa.Table(
     sa.UniqueConstraint("turn_id", "role", name="uq_messages_turn_role"),
     # History reads walk one conversation in id order.
     sa.Index("ix_messages_conversation_id", "conversation_id", "id"),
-    sa.Index("ix_messages_parent", "parent_id"),
+    # A message's versions and children; a conversation's first messages (null parent).
+    sa.Index("ix_messages_parent", "parent_id", "conversation_id"),
     # The rounds of the replies still being written, and nothing else.
     sa.Index(
         "ix_messages_queue_round",
@@ -276,13 +277,23 @@ class Branch:
 
 
 @dataclass(frozen=True, slots=True)
+class Said:
+    """A message as the model is shown it: no more of it is read for a turn."""
+
+    turn_id: str
+    role: Role
+    content: str
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
 class TurnContext:
     """What a turn's model step needs: the user message it answers, the messages before
     it on its branch that the model may be shown (oldest first; without failed turns and
     empty replies), and the conversation's model and instructions (null: the defaults)."""
 
-    prompt: Message
-    history: list[Message]
+    prompt: Said
+    history: list[Said]
     model: str | None
     system_prompt: str | None
 
@@ -452,6 +463,27 @@ class _TurnStatements:
             )
             .on_conflict_do_nothing(index_elements=["turn_id", "role"])
             .returning(messages.c.id)
+        )
+        before = messages.alias("before")
+        first = messages.alias("first")
+        self.link_line = (
+            messages.update()
+            .where(
+                messages.c.conversation_id == sa.bindparam("b_id"),
+                messages.c.parent_id.is_(None),
+                messages.c.id
+                > sa.select(sa.func.min(first.c.id))
+                .where(first.c.conversation_id == sa.bindparam("b_id"))
+                .scalar_subquery(),
+            )
+            .values(
+                parent_id=sa.select(sa.func.max(before.c.id))
+                .where(
+                    before.c.conversation_id == sa.bindparam("b_id"),
+                    before.c.id < messages.c.id,
+                )
+                .scalar_subquery()
+            )
         )
         self.target = sa.select(messages.c.role, messages.c.parent_id).where(
             messages.c.id == sa.bindparam("b_message"),
@@ -826,6 +858,11 @@ class Store:
                     if (await conn.execute(sql.insert_key, keyed)).first() is None:
                         raise KeyTaken(key_hash)
                 branching = replaces is not None or regenerates is not None
+                if branching and not claimed.branched:
+                    # Its first branch. Until now it was one line, read in id order, where a
+                    # release before branches may have stored messages without a parent:
+                    # each gets the message before it, so that every branch walks whole.
+                    await conn.execute(sql.link_line, values)
                 if branching:
                     target = replaces if replaces is not None else regenerates
                     role = "user" if replaces is not None else "assistant"
@@ -990,6 +1027,17 @@ class Store:
         names no message of it.
         """
         async with self.engine.begin() as conn:
+            if leaf is not None:
+                # Switching branch writes: the conversation is locked first (a write takes
+                # SQLite's lock), as a turn locks it, so that the branch's end is read
+                # after any turn being stored has committed, and not written over it.
+                locked = await conn.execute(
+                    conversations.update()
+                    .where(conversations.c.id == conversation_id, conversations.c.owner == owner)
+                    .values(leaf_id=conversations.c.leaf_id)
+                )
+                if locked.rowcount == 0:
+                    raise ConversationNotFound(conversation_id)
             shown = (
                 await conn.execute(
                     sa.select(conversations.c.branched, conversations.c.leaf_id).where(
@@ -1045,46 +1093,27 @@ class Store:
     async def turn_context(self, turn_id: str, max_messages: int) -> TurnContext | None:
         """What a turn's model step needs (see ``TurnContext``): up to ``max_messages``
         messages of history; None when the turn is gone with its conversation."""
-        reply = messages.alias("reply")
         async with self.engine.connect() as conn:
-            found = (
-                await conn.execute(
-                    sa.select(
-                        reply.c.id,
-                        reply.c.parent_id,
-                        reply.c.conversation_id,
-                        conversations.c.branched,
-                        conversations.c.model,
-                        conversations.c.system_prompt,
-                    )
-                    .join(conversations, conversations.c.id == reply.c.conversation_id)
-                    .where(reply.c.turn_id == turn_id, reply.c.role == "assistant")
-                )
-            ).first()
+            found = (await conn.execute(_TURN_SETTINGS, {"b_turn": turn_id})).first()
             if found is None:
                 return None
-            # The messages before the reply, and some to spare for the failed turns and
-            # empty replies that are left out.
-            depth = 2 * max_messages + 2
-            if found.branched and found.parent_id is not None:
-                rows = list(
-                    await conn.execute(_WALK_UP, {"b_start": found.parent_id, "b_depth": depth})
+            # The messages before the reply, and a few to spare for failed turns and
+            # empty replies, which are left out.
+            depth = max_messages + 8
+            if found.branched:
+                # A reply stored by a release before branches has no parent: it answers
+                # the user message of its own turn.
+                start = found.parent_id or await conn.scalar(_ASKED_IN_TURN, {"b_turn": turn_id})
+                rows = (
+                    list(await conn.execute(_WALK_UP_SAID, {"b_start": start, "b_depth": depth}))
+                    if start is not None
+                    else []
                 )
             else:
-                # One line of messages (or a reply stored by a release before branches):
-                # in id order.
-                rows = list(
-                    await conn.execute(
-                        sa.select(messages)
-                        .where(
-                            messages.c.conversation_id == found.conversation_id,
-                            messages.c.id < found.id,
-                        )
-                        .order_by(messages.c.id.desc())
-                        .limit(depth)
-                    )
-                )[::-1]
-        earlier = [_message(row) for row in rows]
+                # One line of messages: in id order.
+                line = {"b_id": found.conversation_id, "b_before": found.id, "b_depth": depth}
+                rows = list(await conn.execute(_LINE_BEFORE, line))[::-1]
+        earlier = [Said(*row) for row in rows]
         if not earlier or earlier[-1].role != "user":
             return None  # nothing to answer: gone while being read
         return TurnContext(
@@ -1161,9 +1190,10 @@ _MESSAGE_IN = sa.select(messages.c.id).where(
 )
 
 
-def _walk_up() -> sa.Select[Any]:
+def _walk_up(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
     """The branch ending at message ``b_start``: it and up to ``b_depth`` - 1 messages
-    before it, oldest first. Each step is a primary-key lookup of the parent."""
+    before it, oldest first (``columns`` of each, or all). Each step is a primary-key
+    lookup of the parent."""
     anchor = sa.select(
         messages.c.id, messages.c.parent_id, sa.literal(1, sa.Integer).label("depth")
     ).where(messages.c.id == sa.bindparam("b_start", type_=messages.c.id.type))
@@ -1174,10 +1204,43 @@ def _walk_up() -> sa.Select[Any]:
             up.c.id == walk.c.parent_id, walk.c.depth < sa.bindparam("b_depth", type_=sa.Integer)
         )
     )
-    return sa.select(messages).join(walk, messages.c.id == walk.c.id).order_by(walk.c.depth.desc())
+    return (
+        sa.select(*(columns or (messages,)))
+        .join(walk, messages.c.id == walk.c.id)
+        .order_by(walk.c.depth.desc())
+    )
 
 
 _WALK_UP = _walk_up()
+
+# What a turn's step reads (``Store.turn_context``), built once.
+_SAID = (messages.c.turn_id, messages.c.role, messages.c.content, messages.c.status)
+_REPLY = messages.alias("reply")
+_TURN_SETTINGS = (
+    sa.select(
+        _REPLY.c.id,
+        _REPLY.c.parent_id,
+        _REPLY.c.conversation_id,
+        conversations.c.branched,
+        conversations.c.model,
+        conversations.c.system_prompt,
+    )
+    .join(conversations, conversations.c.id == _REPLY.c.conversation_id)
+    .where(_REPLY.c.turn_id == sa.bindparam("b_turn"), _REPLY.c.role == "assistant")
+)
+_ASKED_IN_TURN = sa.select(messages.c.id).where(
+    messages.c.turn_id == sa.bindparam("b_turn"), messages.c.role == "user"
+)
+_WALK_UP_SAID = _walk_up(*_SAID)
+_LINE_BEFORE = (
+    sa.select(*_SAID)
+    .where(
+        messages.c.conversation_id == sa.bindparam("b_id"),
+        messages.c.id < sa.bindparam("b_before", type_=messages.c.id.type),
+    )
+    .order_by(messages.c.id.desc())
+    .limit(sa.bindparam("b_depth", type_=sa.Integer))
+)
 
 # The latest descendant of message ``b_message``: from it, the newest child at each step
 # down (a child is always newer than its parent, so the last one reached has the
@@ -1214,10 +1277,10 @@ async def _siblings(
     return {m.id: by_parent.get(m.parent_id, [m.id]) for m in page}
 
 
-def _remembered(history: list[Message]) -> list[Message]:
+def _remembered(history: list[Said]) -> list[Said]:
     """What the model is shown of a branch: not the turns that failed (neither the user
     message nor its reply), nor replies stopped before they had any text."""
-    kept: list[Message] = []
+    kept: list[Said] = []
     for message in history:
         if message.role == "assistant" and message.status == "failed":
             if kept and kept[-1].role == "user":

@@ -38,8 +38,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import openai
+import sqlalchemy as sa
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, StepOptions, WorkflowHandleAsync
 from dbos import error as dbos_errors
+from dbos._dbos import _get_dbos_instance as _dbos_instance
+from dbos._utils import INTERNAL_QUEUE_NAME
 
 from parley import llm, pacing, streams
 from parley.config import Settings
@@ -106,12 +109,19 @@ def services() -> Services:
     return _services
 
 
-# The version of the turn workflow's shape (its inputs and its steps), recorded by DBOS
-# with every workflow: DBOS resumes after a crash only the workflows of the version it
-# runs. Releases that keep the shape keep the number, so their turns resume across an
-# upgrade; a change to the shape bumps it, and turns of another version are ended
-# cleanly at start (``end_turns_of_other_versions``) rather than left pending for ever.
-TURN_WORKFLOW_VERSION = "turns-2"
+# The version of the turn workflow (its inputs, its steps, and what a turn is), recorded
+# by DBOS with every workflow: DBOS resumes after a crash, and dequeues, only the
+# workflows of the version it runs. Releases that keep the workflow keep the number, so
+# their turns resume across an upgrade; a change bumps it. Turns of the versions this
+# one can finish are adopted (``adopt_turns``); turns of others are ended cleanly
+# (``end_turns_of_other_versions``) rather than left pending for ever.
+#
+# "turns-3": a turn may be a regenerated reply, with no user message of its own, and its
+# step reads the branch before it from the store. A "turns-2" release would run such a
+# turn wrongly (from its checkpoint, or not at all), so it must not see them; its own
+# turns, which this version reads as a conversation stored before branches, are adopted.
+TURN_WORKFLOW_VERSION = "turns-3"
+ADOPTED_VERSIONS = ("turns-2",)
 
 
 def new_turn_id() -> str:
@@ -657,14 +667,63 @@ async def end_turns_of_other_versions(
     return len(stale)
 
 
+async def adopt_turns(executor_ids: list[str]) -> int:
+    """Make the unfinished turns that ``executor_ids`` (stopped processes, or this one
+    before it started) left under an adopted version (``ADOPTED_VERSIONS``) turns of this
+    version, waiting to run: on DBOS's internal queue (as DBOS's recovery puts them), or
+    where they were queued. How many there were.
+
+    One conditional statement each, like DBOS's own recovery: a turn another process has
+    recovered or started meanwhile is no longer pending here and is left alone.
+    """
+    if not executor_ids:
+        return 0
+
+    def adopt() -> int:
+        sys_db = _dbos_instance()._sys_db
+        status = sys_db.tables.workflow_status
+        theirs = (
+            status.c.executor_id.in_(executor_ids),
+            status.c.application_version.in_(ADOPTED_VERSIONS),
+            status.c.workflow_uuid.like("turn-%"),
+        )
+        with sys_db.engine.begin() as conn:
+            now = sys_db._now_ms_sql()
+            pending = conn.execute(
+                sa.update(status)
+                .where(*theirs, status.c.status == "PENDING")
+                .values(
+                    application_version=TURN_WORKFLOW_VERSION,
+                    status="ENQUEUED",
+                    owner_xid=None,
+                    started_at_epoch_ms=None,
+                    updated_at=now,
+                    queue_name=sa.func.coalesce(status.c.queue_name, INTERNAL_QUEUE_NAME),
+                )
+            )
+            queued = conn.execute(
+                sa.update(status)
+                .where(*theirs, status.c.status == "ENQUEUED")
+                .values(application_version=TURN_WORKFLOW_VERSION, updated_at=now)
+            )
+        return pending.rowcount + queued.rowcount
+
+    adopted = await asyncio.to_thread(adopt)
+    if adopted:
+        logger.warning("adopted %d turns of an earlier version of Parley", adopted)
+    return adopted
+
+
 async def take_over(executor_ids: list[str], live_versions: frozenset[str]) -> None:
     """Hand the pending turns of dead executors back to DBOS.
 
     DBOS puts each on its internal queue, from which exactly one live process (whichever
     dequeues it first) runs it again from its last recorded step; recovering an executor
-    twice finds nothing left to requeue. Turns of another workflow version that no live
-    process runs are ended (``end_turns_of_other_versions``).
+    twice finds nothing left to requeue. Turns of an adopted version are adopted first;
+    turns of another workflow version that no live process runs are ended
+    (``end_turns_of_other_versions``).
     """
+    await adopt_turns(executor_ids)
     await asyncio.to_thread(DBOS._recover_pending_workflows, executor_ids)
     for executor_id in executor_ids:
         await end_turns_of_other_versions(executor_id, unless_run_by=live_versions)

@@ -404,20 +404,14 @@ async def send_message(
     settings = request.app.state.settings
     check_message(body.content, settings.max_message_chars, ("body", "content"))
     check_idempotency_key(idempotency_key)
-    with turn_refusals():
-        try:
-            turn_id, _handle = await turns.start_turn(
-                user,
-                str(conversation_id),
-                body.content,
-                idempotency_key=idempotency_key,
-                stream=True,
-                limits=turns.limits(settings),
-                replaces=body.replaces,
-            )
-        except MessageRefused as refusal:
-            raise invalid(("body", "replaces"), refusal.reason) from None
-    return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+    if body.replaces is not None:
+        await _no_release_before_branches(request)
+    try:
+        return await _started(
+            user, conversation_id, body.content, request, idempotency_key, replaces=body.replaces
+        )
+    except MessageRefused as refusal:
+        raise invalid(("body", "replaces"), refusal.reason) from None
 
 
 @router.post(
@@ -442,24 +436,55 @@ async def regenerate(
     of that one (the old one is kept, as a sibling), answering the same message, on the
     same branch. Its reply streams from ``stream_url``."""
     check_idempotency_key(idempotency_key)
+    await _no_release_before_branches(request)
+    try:
+        return await _started(
+            user, conversation_id, "", request, idempotency_key, regenerates=message_id
+        )
+    except MessageRefused as refusal:
+        if refusal.missing:
+            raise HTTPException(http_status.HTTP_404_NOT_FOUND, detail="No such message.") from None
+        raise invalid(("path", "message_id"), refusal.reason) from None
+
+
+async def _started(
+    user: str,
+    conversation_id: uuid.UUID,
+    text: str,
+    request: Request,
+    idempotency_key: str | None,
+    *,
+    replaces: int | None = None,
+    regenerates: int | None = None,
+) -> TurnStarted:
+    """Start a streamed turn (a new message, an edit or a regeneration: see
+    ``turns.start_turn``), its refusals as HTTP errors."""
     with turn_refusals():
-        try:
-            turn_id, _handle = await turns.start_turn(
-                user,
-                str(conversation_id),
-                "",
-                idempotency_key=idempotency_key,
-                stream=True,
-                limits=turns.limits(request.app.state.settings),
-                regenerates=message_id,
-            )
-        except MessageRefused as refusal:
-            if refusal.missing:
-                raise HTTPException(
-                    http_status.HTTP_404_NOT_FOUND, detail="No such message."
-                ) from None
-            raise invalid(("path", "message_id"), refusal.reason) from None
+        turn_id, _handle = await turns.start_turn(
+            user,
+            str(conversation_id),
+            text,
+            idempotency_key=idempotency_key,
+            stream=True,
+            limits=turns.limits(request.app.state.settings),
+            replaces=replaces,
+            regenerates=regenerates,
+        )
     return TurnStarted(turn_id=turn_id, stream_url=f"/api/turns/{turn_id}/stream")
+
+
+async def _no_release_before_branches(request: Request) -> None:
+    """Refuse to branch while a replica of a release before branches runs (a rolling
+    upgrade): it stores messages in id order only, which in a conversation with branches
+    would land outside them. A moment later, once it has stopped, the request works."""
+    live = await request.app.state.cluster.live_versions()
+    if live & set(turns.ADOPTED_VERSIONS):
+        raise HTTPException(
+            http_status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="Parley is being upgraded; editing and regenerating work again once "
+            "it is done. Try again in a minute.",
+            headers={"Retry-After": "30"},
+        )
 
 
 @contextlib.contextmanager

@@ -590,10 +590,16 @@ async function showVersion(messageId) {
 
 // The sidebar's first page again (as long as what it shows: a reply moves its
 // conversation to the top, and a rename changes a title).
+// Loads may overlap (a conversation created, a reply ended): only the latest one asked
+// is shown, or an older answer arriving last would show stale titles.
+let conversationLoads = 0;
+
 async function loadConversations() {
   const limit = Math.min(200, Math.max(CONVERSATION_PAGE, state.conversations.length));
+  const load = ++conversationLoads;
   try {
     const page = await api("GET", `/api/conversations?limit=${limit}`);
+    if (load !== conversationLoads) return;
     state.conversations = page.conversations;
     state.moreConversations = page.has_more;
   } catch (error) {

@@ -32,7 +32,7 @@ _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     with op.batch_alter_table("messages") as batch:
         batch.add_column(sa.Column("parent_id", _ID, nullable=True))
-    op.create_index("ix_messages_parent", "messages", ["parent_id"])
+    op.create_index("ix_messages_parent", "messages", ["parent_id", "conversation_id"])
     with op.batch_alter_table("conversations") as batch:
         batch.add_column(sa.Column("leaf_id", _ID, nullable=True))
         batch.add_column(
