@@ -482,7 +482,12 @@ async function showTurn(turn, userText) {
   }
   if (state.current !== id || state.turn?.id === turn.turn_id) return;
   const replies = [...document.querySelectorAll("#messages .message.assistant")];
-  if (replies.some((item) => item.dataset.turn === turn.turn_id)) return; // already ended
+  if (replies.some((item) => item.dataset.turn === turn.turn_id)) {
+    // Ended before the branch was read: nothing to follow, but the sidebar (the title
+    // a first message gives, the order) is read again as when a followed reply ends.
+    loadConversations();
+    return;
+  }
   const reply = showMessage({ role: "assistant", content: "", status: "streaming", turn_id: turn.turn_id });
   follow(turn.turn_id, reply, userText);
 }
