@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from tests.api_client import (
 )
 from tests.conftest import BACKENDS, ParleyServer, unique
 from tests.fake_provider import FakeProvider, reply_for, take_for
+from tests.test_durability import wait_for
 
 
 def regenerate(http: httpx.Client, conversation: str, message_id: int, **headers: str) -> str:
@@ -273,7 +273,7 @@ def test_parallel_regenerates_and_edits_start_exactly_one_turn(
     # The first pair, and a new reply (a regeneration won) or a new pair (an edit won).
     winner = codes.index(202)
     assert len(stored_all(http, conversation)) == (3 if winner % 2 else 4)
-    wait_until(lambda: branch(http, conversation)[-1]["status"] == "complete")
+    wait_for(lambda: branch(http, conversation)[-1]["status"] == "complete")
 
 
 def stored_all(http: httpx.Client, conversation: str) -> list[int]:
@@ -287,13 +287,6 @@ def stored_all(http: httpx.Client, conversation: str) -> list[int]:
                 ids.add(message["id"])
                 pending.extend(message["siblings"])
     return sorted(ids)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_an_idempotency_key_returns_the_same_regeneration(
@@ -572,7 +565,7 @@ def test_a_regeneration_killed_mid_reply_completes_once_on_its_branch(
 
     provider.hold()
     turn = regenerate(http, conversation, first_reply["id"])
-    wait_until(lambda: len(provider.calls_for(one)) == 2)
+    wait_for(lambda: len(provider.calls_for(one)) == 2)
     server.kill()
     provider.release()
     server.start()

@@ -105,7 +105,7 @@ async def test_a_conversation_is_only_its_owners(store: Store) -> None:
     with pytest.raises(ConversationNotFound):
         await store.conversation(other, conversation)
     with pytest.raises(ConversationNotFound):
-        await store.rename_conversation(other, conversation, "Theirs")
+        await store.update_conversation(other, conversation, title="Theirs")
     with pytest.raises(ConversationNotFound):
         await store.delete_conversation(other, conversation)
     assert (await store.conversation(owner, conversation)).title == "Mine"

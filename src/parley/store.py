@@ -692,9 +692,6 @@ class Store:
             raise ConversationNotFound(conversation_id)
         return _conversation(row)
 
-    async def rename_conversation(self, owner: str, conversation_id: str, title: str) -> None:
-        await self.update_conversation(owner, conversation_id, title=title)
-
     async def update_conversation(self, owner: str, conversation_id: str, **values: Any) -> None:
         """Set any of ``title``, ``model`` and ``system_prompt`` (null: the default)."""
         async with self.engine.begin() as conn:
