@@ -586,6 +586,9 @@ def test_a_rolling_upgrade_from_before_branches_adopts_its_turns_and_waits_to_br
         reply_for(first),
     ]
     wait_for(lambda: pending_turns(cluster_url) == 0)
+    # The message the old release stored is in the search index (kept by the database).
+    hits = on_new.get("/api/search", params={"q": text}).json()["results"]
+    assert {h["role"] for h in hits} == {"user", "assistant"}
 
     # The old replica is gone: branching works, and walks the old replica's messages too.
     def regenerated() -> bool:

@@ -277,17 +277,44 @@ def test_deleted_text_is_in_no_table_of_any_database(
     for event in stream(erin.http, slow):
         if event.event == "token":
             break
-    for needle in (chatted, streamed, edited):
+    # An imported conversation.
+    imported = secret()
+    document = {
+        "format": "parley",
+        "version": 1,
+        "conversations": [
+            {
+                "id": "elsewhere",
+                "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-01T00:00:00Z",
+                "messages": [
+                    {
+                        "id": 1,
+                        "role": "user",
+                        "content": imported,
+                        "created_at": "2026-01-01T00:00:00Z",
+                    }
+                ],
+            }
+        ],
+    }
+    answer = erin.change("POST", "/api/import", json=document)
+    assert answer.status_code == 201, answer.text
+    for needle in (chatted, streamed, edited, imported):
         assert places_holding(server, needle), "the test looks in the wrong places"
+    # The search index holds words, not the text: look for one word of it too.
+    word = chatted.split("-")[1]
+    if "DATABASE_URL" in server.env:
+        assert places_holding(server, word), "the test looks in the wrong places"
 
     if how == "conversation":
         listed = erin.http.get("/api/conversations").json()["conversations"]
-        assert len(listed) == 3
+        assert len(listed) == 4
         for item in listed:
             assert erin.change("DELETE", f"/api/conversations/{item['id']}").status_code == 204
     else:
         assert admin.change("DELETE", f"/api/admin/users/{erin.name}").status_code == 204
-    wait_until_gone(server, [chatted, streamed, failed, unfinished, edited])
+    wait_until_gone(server, [chatted, streamed, failed, unfinished, edited, imported, word])
     # A key used in a deleted conversation names nothing now.
     if how == "conversation":
         again = _chat(erin, "hi", key="k1")

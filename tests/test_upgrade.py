@@ -71,6 +71,13 @@ def test_a_turn_interrupted_by_an_upgrade_ends_cleanly_and_data_carries_over(
         assert me.status_code == 200, me.text
         history = carol.http.get(f"/history/{carol.name}").json()
         assert [m["content"] for m in history if m["isUser"]] == ["hello old"]
+        # What the old release stored is in the search index the upgrade made.
+        hits = carol.http.get("/api/search", params={"q": "HELLO ol"}).json()["results"]
+        assert [(h["role"], h["snippet"]) for h in hits if h["role"] == "user"] == [
+            ("user", "<mark>hello</mark> <mark>old</mark>")
+        ]
+        hits = carol.http.get("/api/search", params={"q": marker}).json()["results"]
+        assert [h["conversation_id"] for h in hits] == [conversation]
         # The interrupted turn ended: failed, saying why, its stream ends, the
         # conversation takes a new message.
         messages = carol.http.get(f"/api/conversations/{conversation}/messages").json()

@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.api_client import as_user, new_conversation, send, stream
 from tests.conftest import AUTH_MODES, ParleyServer, serve_in_mode, unique
-from tests.fake_provider import FakeProvider, reply_for
+from tests.fake_provider import FakeProvider, reply_for, take_for
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 SLOW = "[slow:0.1] " + " ".join(f"word{i}" for i in range(40))
@@ -754,3 +754,247 @@ def test_accounts_mode_signs_up_chats_signs_out_and_in(
         assert watched.errors == [] and watched.foreign_requests == []
     finally:
         context.close()
+
+
+# --- Searching, export and import ----------------------------------------------------
+
+
+def page_api(page: Page, method: str, path: str, body: object = None) -> dict:
+    """A request from the page, as its user (their cookie, and in accounts mode the
+    session's CSRF token): ``{"status", "json"}``."""
+    return page.evaluate(
+        """async ([method, path, body]) => {
+            const csrf = document.cookie.split("; ").find((c) => c.startsWith("parley_csrf="));
+            const headers = { "Content-Type": "application/json" };
+            if (csrf) headers["X-CSRF-Token"] = decodeURIComponent(csrf.slice(12));
+            const response = await fetch(path, {
+                method, headers, body: body === null ? undefined : JSON.stringify(body),
+            });
+            const text = await response.text();
+            return { status: response.status, json: text ? JSON.parse(text) : null };
+        }""",
+        [method, path, body],
+    )
+
+
+def chat(page: Page, conversation: str, text: str) -> None:
+    """Send ``text`` from the page's user and wait for the reply to be written."""
+    sent = page_api(page, "POST", f"/api/conversations/{conversation}/messages", {"content": text})
+    assert sent["status"] == 202, sent
+    events = page.evaluate("url => fetch(url).then((r) => r.text())", sent["json"]["stream_url"])
+    assert "event: done" in events, events
+
+
+def parley_document(title: str, texts: list[str]) -> bytes:
+    """A Parley export of one conversation: ``texts`` said in turn by the user and the
+    model, each one answering the one before."""
+    messages: list[dict[str, object]] = []
+    for i, text in enumerate(texts):
+        messages.append(
+            {
+                "id": i + 1,
+                "role": "assistant" if i % 2 else "user",
+                "content": text,
+                "created_at": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z",
+                **({"parent_id": i} if i else {}),
+            }
+        )
+    moment = "2025-01-01T00:00:00Z"
+    conversation = {"id": "x1", "title": title, "created_at": moment, "updated_at": moment}
+    document = {"format": "parley", "version": 1, "conversations": [conversation]}
+    conversation["messages"] = messages
+    return json.dumps(document).encode()
+
+
+def parley_export(title: str, said: str = "hi") -> bytes:
+    return parley_document(title, [said, "hello"])
+
+
+def searched_for(page: Page, box: Locator, text: str) -> None:
+    """Type a query and wait for its answer: results of the query before may still show
+    until it comes."""
+    with page.expect_response(lambda r: "/api/search?" in r.url and r.request.method == "GET"):
+        box.fill(text)
+
+
+def test_search_finds_messages_and_opens_them_where_they_are(
+    watched: Watched, server: ParleyServer
+) -> None:
+    page = watched.page
+    sign_in(page, server)
+    # A long conversation (imported: accounts mode limits the turns a minute), its first
+    # message older than the branch's last page of 50.
+    fillers = [text for i in range(35) for text in (f"entry {i}", f"noted {i}")]
+    long_ago = ["Doubloons buried under the old oak", "Arr, dig there", *fillers]
+    imported = page_api(page, "POST", "/api/import", json.loads(parley_document("Log", long_ago)))
+    assert imported["status"] == 201, imported
+    (logbook,) = imported["json"]["conversations"]
+    dessert = page_api(page, "POST", "/api/conversations")["json"]["id"]
+    chat(page, dessert, "Crème brûlée recipe")
+    sea = page_api(page, "POST", "/api/conversations")["json"]["id"]
+    chat(page, sea, "Kraken sightings near Tortuga")
+    # A reply regenerated: its first version is on a branch that is not the current one.
+    maps = page_api(page, "POST", "/api/conversations")["json"]["id"]
+    question = unique("[nth] where is the treasure map")  # taken afresh by each test
+    chat(page, maps, question)
+    first = page_api(page, "GET", f"/api/conversations/{maps}/messages")["json"]["messages"][1]
+    again = page_api(page, "POST", f"/api/conversations/{maps}/messages/{first['id']}/regenerate")
+    assert again["status"] == 202, again
+    page.evaluate("url => fetch(url).then((r) => r.text())", again["json"]["stream_url"])
+    page.reload()  # the sidebar lists them; the latest (the map, second version) opens
+    expect(reply(page, 1).locator(".content")).to_have_text(take_for(question, 2))
+
+    box = page.get_by_role("searchbox", name="Search messages")
+    conversations = page.locator("#conversation-list")
+    results = page.locator("#result-list .result")
+    status = page.locator("#search-status")
+    found = page.locator("#messages .message.found")
+    expect(box).to_have_attribute("placeholder", "Search messages")
+
+    # Words in any order, any case, no accents; the last one a prefix.
+    with page.expect_response(lambda r: "/api/search?" in r.url) as searched:
+        box.fill("BRULEE cre")
+    hits = searched.value.json()["results"]
+    expect(results).to_have_count(2)  # the message and the model's echo of it, nothing else
+    expect(conversations).to_be_hidden()
+    expect(results.locator(".result-title")).to_have_text(["Crème brûlée recipe"] * 2)
+    assert sorted(results.locator(".result-role").all_text_contents()) == ["Parley", "You"]
+    for result in results.all():
+        expect(result.locator(".snippet mark")).to_have_text(["Crème", "brûlée"])
+    mine = results.filter(has=page.locator(".result-role", has_text="You"))
+    expect(mine.locator(".snippet")).to_have_text("Crème brûlée recipe")
+    (hit,) = [h for h in hits if h["role"] == "user"]
+    mine.locator("a").click()
+    expect(page).to_have_url(re.compile(rf"\?c={dessert}$"))
+    expect(found).to_have_count(1)
+    expect(found).to_have_attribute("data-id", str(hit["message_id"]))
+    expect(found.locator(".content")).to_have_text("Crème brûlée recipe")
+    expect(found).to_be_in_viewport()
+    expect(found).to_have_count(0, timeout=10_000)  # highlighted for a moment only
+    expect(box).to_have_value("BRULEE cre")  # the results stay, for the next one
+
+    # An old message: the branch is loaded back to it, each message once.
+    searched_for(page, box, "oak doubloon")
+    expect(results).to_have_count(1)
+    results.locator("a").click()
+    expect(page).to_have_url(re.compile(rf"\?c={logbook}$"))
+    expect(found.locator(".content")).to_have_text(long_ago[0])
+    expect(found).to_be_in_viewport()
+    messages = page.locator("#messages .message")
+    expect(messages).to_have_count(len(long_ago))
+    assert [t.strip() for t in messages.locator(".content").all_text_contents()] == long_ago
+
+    # A hit on another branch opens that branch.
+    searched_for(page, box, "1 TAKE treasure")  # "1" whole: the map's id may start with 1
+    expect(results).to_have_count(1)
+    expect(results.locator(".result-role")).to_have_text("Parley")
+    results.locator("a").click()
+    expect(page).to_have_url(re.compile(rf"\?c={maps}$"))
+    shown = reply(page, 1)
+    expect(shown.locator(".content")).to_have_text(take_for(question, 1))
+    expect(shown.locator(".version")).to_have_text("1/2")
+    expect(shown).to_have_class(re.compile(r"\bfound\b"))
+    page.reload()  # and makes it the conversation's current branch
+    expect(reply(page, 1).locator(".content")).to_have_text(take_for(question, 1))
+
+    # Pages of results; nothing found; a query with no word is refused, inline.
+    searched_for(page, box, "entry")
+    expect(results).to_have_count(20)
+    more = page.get_by_role("button", name="More results")
+    more.click()
+    expect(results).to_have_count(35)
+    expect(more).to_be_hidden()
+    snippets = results.locator(".snippet").all_text_contents()
+    assert sorted(snippets) == sorted(f"entry {i}" for i in range(35))
+    searched_for(page, box, "zzyzx")
+    expect(status).to_have_text("No messages match")
+    expect(results).to_have_count(0)
+    searched_for(page, box, "?!…")
+    expect(status).to_have_text("The search must hold a word (letters or digits).")
+    expect(status).to_have_class(re.compile(r"\bfailure\b"))
+    expect(results).to_have_count(0)
+
+    # Clearing the box, or Escape, brings the conversations back.
+    box.fill("")
+    expect(conversations).to_be_visible()
+    expect(page.locator("#search-results")).to_be_hidden()
+    expect(page.locator(".conversation-item")).to_have_count(4)
+    searched_for(page, box, "kraken")
+    expect(results).to_have_count(2)
+    box.press("Escape")
+    expect(box).to_have_value("")
+    expect(conversations).to_be_visible()
+    expect(page.locator(".conversation-item")).to_have_count(4)
+
+    # On a phone, a result closes the sidebar as a conversation of the list does.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.get_by_role("button", name="Show conversations").click()
+    searched_for(page, box, "kraken sight")
+    results.filter(has=page.locator(".result-role", has_text="You")).locator("a").click()
+    expect(page).to_have_url(re.compile(rf"\?c={sea}$"))
+    expect(page.locator("body")).not_to_have_class(re.compile(r"\bsidebar-open\b"))
+    expect(found).to_be_in_viewport()
+    assert watched.errors == [] and watched.dialogs == [] and watched.foreign_requests == []
+
+
+def test_import_a_file_and_export_conversations(watched: Watched, server: ParleyServer) -> None:
+    page = watched.page
+    sign_in(page, server)
+    status = page.locator("#import-status")
+    items = page.locator(".conversation-item .open")
+
+    def import_file(name: str, content: bytes) -> None:
+        with page.expect_file_chooser() as chosen:
+            page.get_by_role("button", name="Import").click()
+        chosen.value.set_files(
+            files=[{"name": name, "mimeType": "application/json", "buffer": content}]
+        )
+
+    title = unique("Logbook")
+    with page.expect_response(lambda r: r.url.endswith("/api/import")) as answered:
+        import_file("parley.json", parley_export(title, "ahoy from the archive"))
+    assert answered.value.status == 201
+    (imported,) = answered.value.json()["conversations"]
+    expect(status).to_have_text("Imported 1 conversation")
+    expect(items).to_have_text([title])
+
+    # The same file again: nothing new, and it says so.
+    import_file("parley.json", parley_export(title, "ahoy from the archive"))
+    expect(status).to_have_text("Nothing new: that conversation is already here")
+    expect(items).to_have_count(1)
+
+    # A broken file: what is wrong and where, and nothing imported.
+    broken = parley_export(unique("Broken")).replace(b'"role": "user"', b'"role": "pirate"')
+    import_file("broken.json", broken)
+    expect(status).to_contain_text("Not imported: conversations[0].messages[0].role: ")
+    expect(status).to_have_class(re.compile(r"\bfailure\b"))
+    import_file("notes.txt", b"not json at all")
+    expect(status).to_have_text(
+        re.compile(r"^Not imported: the file is not a Parley export .*ChatGPT")
+    )
+    expect(items).to_have_text([title])
+
+    # Export: every conversation, and the open one as Markdown or JSON.
+    export_all = page.get_by_role("link", name="Export all")
+    expect(export_all).to_have_attribute("href", "/api/export")
+    expect(export_all).to_have_attribute("download", "")
+    menu = page.locator("#export")
+    expect(menu).to_be_hidden()  # no conversation open yet
+    items.first.click()
+    expect(page.locator(".message.user .content")).to_have_text(["ahoy from the archive"])
+    page.get_by_text("Export", exact=True).click()
+    markdown = page.get_by_role("link", name="Markdown")
+    as_json = page.get_by_role("link", name="JSON")
+    expect(markdown).to_be_visible()
+    expect(markdown).to_have_attribute(
+        "href", f"/api/conversations/{imported}/export?format=markdown"
+    )
+    expect(as_json).to_have_attribute("href", f"/api/conversations/{imported}/export?format=json")
+    for link in (markdown, as_json):
+        expect(link).to_have_attribute("download", "")
+    with page.expect_download() as downloaded:
+        markdown.click()
+    assert downloaded.value.suggested_filename == f"parley-{imported}.md"
+    assert "ahoy from the archive" in Path(downloaded.value.path()).read_text()
+    expect(markdown).to_be_hidden()  # the menu closed
+    assert watched.errors == [] and watched.dialogs == []

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley import __version__, deletion, pacing, store, streams, turns
 from parley.accounts import AccountLimits, Accounts, session_secret
-from parley.api import auth, conversations, health, models, seed, usage
+from parley.api import archive, auth, conversations, health, models, search, seed, usage
 from parley.api.bodies import validation_failed
 from parley.cluster import Cluster, for_settings
 from parley.config import Settings
@@ -341,9 +341,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.local_model = None
     app.state.accounts = None
     app.state.provider_check = None
+    app.state.import_gate = archive.ImportGate()
     app.include_router(seed.router)
     app.include_router(conversations.router)
     app.include_router(models.router)
+    app.include_router(search.router)
+    app.include_router(archive.router)
+    app.include_router(archive.imports, max_body_size=settings.max_import_bytes)
     app.include_router(usage.router)
     app.include_router(health.router)
     app.include_router(auth.router)

@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     memory_max_messages: int = Field(default=40, ge=2)
 
     max_message_chars: int = Field(default=16_000, ge=1)
+    # The largest file ``POST /api/import`` takes (it is read whole before it is checked).
+    max_import_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     # Seconds to connect to the database or wait for a pooled connection, and the longest
     # one statement may run: a database that stops answering fails requests, not hangs them.

@@ -20,7 +20,7 @@ import time
 
 from dbos import DBOS
 
-from parley import pacing, streams, turns
+from parley import pacing, search, streams, turns
 from parley.memory import Memory
 from parley.store import Deleted, Store
 
@@ -46,9 +46,9 @@ async def finish_deleting(store: Store, memory: Memory, deleted: Deleted) -> boo
     return await finish_soon(store, memory, deleted.conversation_ids, WAIT_SECONDS)
 
 
-async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
+async def _clear(store: Store, memory: Memory, conversation_id: str) -> bool:
     """Remove a deleted conversation's memory and turns, if none of them still runs;
-    whether it is all gone now."""
+    whether they are all gone now (its to-do rows are kept for ``_done``)."""
     # The model's memory goes at once, whatever still runs (and again below, since a turn
     # that ends after this may write it again).
     await memory.delete(conversation_id)
@@ -72,8 +72,18 @@ async def finish(store: Store, memory: Memory, conversation_id: str) -> bool:
     await memory.delete(conversation_id)
     for start in range(0, len(turn_ids), _BATCH):
         await DBOS.delete_workflows_async(turn_ids[start : start + _BATCH])
-    await store.forget_deletion(conversation_id)
     return True
+
+
+async def _done(store: Store, conversation_ids: list[str]) -> None:
+    """These deletions are finished but for the search index: purge it (once for all of
+    them, as it rewrites the whole index on SQLite), then drop their to-do rows. A crash
+    before the end leaves the rows, and the next pass purges again."""
+    if not conversation_ids:
+        return
+    await search.purge_deleted_words(store.engine)
+    for conversation_id in conversation_ids:
+        await store.forget_deletion(conversation_id)
 
 
 async def finish_soon(
@@ -83,11 +93,15 @@ async def finish_soon(
     whether all are done (the sweep finishes the rest)."""
     deadline = time.monotonic() + wait
     left = list(conversation_ids)
+    cleared: list[str] = []
     while left:
-        left = [c for c in left if not await finish(store, memory, c)]
+        now_cleared = [c for c in left if await _clear(store, memory, c)]
+        cleared += now_cleared
+        left = [c for c in left if c not in now_cleared]
         if not left or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
+    await _done(store, cleared)
     return not left
 
 
@@ -98,8 +112,7 @@ async def sweep(store: Store, memory: Memory, every: float = SWEEP_SECONDS) -> N
         try:
             after = ""
             while page := await store.deletions(_BATCH, after):
-                for conversation_id in page:
-                    await finish(store, memory, conversation_id)
+                await _done(store, [c for c in page if await _clear(store, memory, c)])
                 after = page[-1]
         except Exception as error:  # the database is away: look again next period
             logger.warning("could not finish deletions: %s", error)

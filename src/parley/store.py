@@ -54,7 +54,12 @@ conversations = sa.Table(
     # null: the default ones.
     sa.Column("model", sa.String(MODEL_NAME_MAX_CHARS), nullable=True),
     sa.Column("system_prompt", sa.Text(), nullable=True),
+    # Where an imported conversation came from (``parley.archive``): importing it again
+    # finds it here instead of making a copy.
+    sa.Column("imported_from", sa.String(80), nullable=True),
     sa.Index("ix_conversations_owner_created", "owner", "created_at"),
+    sa.Index("uq_conversations_imported_from", "owner", "imported_from", unique=True),
+    sa.Index("ix_conversations_owner_id", "owner", "id"),
     sa.Index("ix_conversations_owner_updated", "owner", "updated_at"),
 )
 
@@ -648,7 +653,7 @@ class Store:
                 )
             )
             if account:  # after a write: on SQLite, only a write begins the transaction
-                await _check_account(conn, owner)
+                await check_account(conn, owner)
         return Conversation(conversation_id, title or DEFAULT_TITLE, now, now)
 
     async def conversations(
@@ -843,7 +848,7 @@ class Store:
             async with self.engine.begin() as conn:
                 if limits is not None:
                     await _check_limits(conn, owner, limits)
-                    await _check_account(conn, owner)
+                    await check_account(conn, owner)
                 claim = sql.claim_new if create_conversation else sql.claim
                 claimed = (await conn.execute(claim, values)).first()
                 if claimed is None:
@@ -1297,7 +1302,7 @@ class OwnerGone(Exception):
 _users = sa.table("users", sa.column("uid", sa.String()))
 
 
-async def _check_account(conn: AsyncConnection, uid: str) -> None:
+async def check_account(conn: AsyncConnection, uid: str) -> None:
     """Refuse to store anything for an account that is gone, inside the transaction that
     stores it: removing a user locks the row first, so a request that signed in just
     before waits for the removal and then sees it."""

@@ -41,9 +41,11 @@ function forgetUser() {
 // --- The API ----------------------------------------------------------------------------
 
 class ApiError extends Error {
-  constructor(status, message) {
+  // problems: a 422's list of {loc, msg, type}, when the server sent one.
+  constructor(status, message, problems = null) {
     super(message);
     this.status = status;
+    this.problems = problems;
   }
 }
 
@@ -52,6 +54,7 @@ function cookie(name) {
   return found ? decodeURIComponent(found.slice(name.length + 1)) : "";
 }
 
+// body: sent as JSON; a Blob (a file chosen to import) is sent as the bytes it holds.
 async function api(method, path, body, extraHeaders = {}) {
   const headers = { ...extraHeaders };
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -62,22 +65,24 @@ async function api(method, path, body, extraHeaders = {}) {
     response = await fetch(path, {
       method,
       headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined || body instanceof Blob ? body : JSON.stringify(body),
     });
   } catch {
     throw new ApiError(0, "Parley could not be reached. Check the connection and retry.");
   }
   if (!response.ok) {
     let detail = `The server answered ${response.status}.`;
+    let problems = null;
     try {
       const problem = await response.json();
-      detail = Array.isArray(problem.detail)
-        ? problem.detail.map((item) => `${item.loc.at(-1)} ${item.msg}`).join("; ")
+      if (Array.isArray(problem.detail)) problems = problem.detail;
+      detail = problems
+        ? problems.map((item) => `${item.loc.at(-1)} ${item.msg}`).join("; ")
         : problem.detail || detail;
     } catch {
       // not JSON: keep the status line
     }
-    throw new ApiError(response.status, detail);
+    throw new ApiError(response.status, detail, problems);
   }
   return response.status === 204 ? null : response.json();
 }
@@ -582,13 +587,20 @@ async function showVersion(messageId) {
     showNotice(error.message);
     return;
   }
-  // Keep the version chosen in view, loading older messages if the branch's last page
-  // does not reach back to it.
+  // Keep the version chosen in view.
+  (await reveal(messageId, { pages: 20 }))?.scrollIntoView({ block: "nearest" });
+}
+
+// A message of the branch on screen, loading older messages until it is there if the
+// branch's last page does not reach back to it (up to ``pages`` pages): its element, or
+// null (not on this branch, or another conversation was opened meanwhile).
+async function reveal(messageId, { pages = Infinity } = {}) {
+  const id = state.current;
   const find = () => document.querySelector(`#messages .message[data-id="${CSS.escape(String(messageId))}"]`);
-  for (let pages = 0; !find() && state.olderMessages && pages < 20; pages += 1) {
-    if (!(await loadOlder())) break;
+  for (let loaded = 0; !find() && state.olderMessages && loaded < pages; loaded += 1) {
+    if (!(await loadOlder()) || state.current !== id) break;
   }
-  find()?.scrollIntoView({ block: "nearest" });
+  return state.current === id ? find() : null;
 }
 
 // --- Conversations ----------------------------------------------------------------------
@@ -618,6 +630,7 @@ async function loadConversations() {
 // Older conversations, as the sidebar is scrolled down to its end.
 function moreConversationsIfNeeded() {
   const list = $("#conversation-list");
+  if (list.hidden) return; // search results are shown instead
   const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 150;
   if (atEnd && state.moreConversations && !state.loadingConversations && !$("#app").hidden) {
     state.loadingConversations = moreConversations().finally(() => {
@@ -664,7 +677,7 @@ function renderSidebar() {
     open.addEventListener("click", (event) => {
       event.preventDefault();
       openConversation(conversation.id, { push: true });
-      document.body.classList.remove("sidebar-open");
+      closeSidebar();
     });
     const rename = actionButton("✎", `Rename ${conversation.title}`, () => startRename(item, conversation));
     const remove = actionButton("✕", `Delete ${conversation.title}`, () => deleteConversation(conversation));
@@ -741,8 +754,13 @@ async function deleteConversation(conversation) {
   loadConversations();
 }
 
-// push: a new entry in the browser's history; replace: the URL says which one is open.
-async function openConversation(id, { push = false, replace = false } = {}) {
+// push: a new entry in the browser's history; replace: the URL says which one is open;
+// leaf: a message, whose branch is shown (and becomes the conversation's current one).
+// Whether it was shown (not when it failed, or another was opened meanwhile).
+let conversationOpens = 0;
+
+async function openConversation(id, { push = false, replace = false, leaf = null } = {}) {
+  const open = ++conversationOpens;
   stopFollowing();
   state.current = id;
   state.conversation = null;
@@ -759,21 +777,22 @@ async function openConversation(id, { push = false, replace = false } = {}) {
   let conversation;
   try {
     [page, conversation] = await Promise.all([
-      api("GET", messagesPath(id)),
+      api("GET", messagesPath(id, leaf === null ? "" : `&leaf=${encodeURIComponent(leaf)}`)),
       api("GET", `/api/conversations/${id}`),
     ]);
   } catch (error) {
-    if (state.current !== id) return;
+    if (state.current !== id || open !== conversationOpens) return false;
     state.current = null;
     showSettings();
     showNotice(error.status === 404 ? "That conversation does not exist (or is not yours)." : error.message);
-    return;
+    return false;
   }
-  if (state.current !== id) return; // another one was opened meanwhile
+  if (state.current !== id || open !== conversationOpens) return false; // another one was opened meanwhile
   state.conversation = conversation;
   renderSidebar();
   showSettings();
   showBranch(page);
+  return true;
 }
 
 function messagesPath(id, query = "") {
@@ -894,6 +913,15 @@ function showSettings() {
   $("#instructions-toggle").title = custom
     ? "This conversation has instructions of its own"
     : "The default instructions apply";
+  // Export: plain links (a GET needs only the cookie); the server names the file.
+  const exportable = Boolean(state.current);
+  $("#export").hidden = !exportable;
+  if (!exportable) $("#export").open = false;
+  for (const format of ["markdown", "json"]) {
+    const link = $(`#export-${format}`);
+    if (exportable) link.href = `/api/conversations/${state.current}/export?format=${format}`;
+    else link.removeAttribute("href");
+  }
 }
 
 // A change to the open conversation (made first if none is open): PATCH, then shown.
@@ -918,6 +946,191 @@ function showInstructions(open) {
   if (!open) return;
   $("#instructions-input").value = state.conversation?.system_prompt ?? "";
   $("#instructions-input").focus();
+}
+
+// --- Searching messages -------------------------------------------------------------------
+
+// While the box holds a query, the sidebar shows the messages that match it in place of
+// the conversations. Searches may overlap (typing on, "More results"): only the latest
+// one asked is shown.
+const SEARCH_DELAY = 250;
+const SEARCH_PAGE = 20;
+const FOUND_FOR = 2500; // ms a message opened from a result stays highlighted
+const searching = { query: "", nextOffset: null, runs: 0, timer: null, foundTimer: null };
+
+function searchSoon() {
+  clearTimeout(searching.timer);
+  const query = $("#search-input").value.trim();
+  if (!query) endSearch();
+  else searching.timer = setTimeout(() => runSearch(query), SEARCH_DELAY);
+}
+
+function showSearch(on) {
+  $("#search-results").hidden = !on;
+  $("#conversation-list").hidden = on;
+}
+
+function endSearch() {
+  clearTimeout(searching.timer);
+  searching.runs += 1; // an answer still on its way is not shown
+  searching.query = "";
+  searching.nextOffset = null;
+  $("#result-list").replaceChildren();
+  searchStatus("");
+  $("#search-more").hidden = true;
+  showSearch(false);
+  moreConversationsIfNeeded();
+}
+
+function searchStatus(text, failed = false) {
+  $("#search-status").textContent = text;
+  $("#search-status").classList.toggle("failure", failed);
+}
+
+// A refused query (422) says what is wrong with it, in words for the one who typed it.
+function searchProblem(error) {
+  const first = error.status === 422 ? error.problems?.[0] : null;
+  if (!first) return error.message;
+  return /^[a-z]/.test(first.msg) ? `The search ${first.msg}.` : first.msg;
+}
+
+// offset 0: the query's first page, in place of what was shown; more: the next page.
+async function runSearch(query, offset = 0) {
+  clearTimeout(searching.timer);
+  const run = ++searching.runs;
+  const latest = () => run === searching.runs;
+  showSearch(true);
+  $("#search-results").setAttribute("aria-busy", "true");
+  $("#search-more").disabled = true;
+  const params = new URLSearchParams({ q: query, limit: String(SEARCH_PAGE), offset: String(offset) });
+  let page;
+  try {
+    page = await api("GET", `/api/search?${params}`);
+  } catch (error) {
+    if (!latest()) return;
+    if (offset === 0) {
+      searching.query = query;
+      searching.nextOffset = null;
+      $("#result-list").replaceChildren();
+      $("#search-more").hidden = true;
+    }
+    searchStatus(searchProblem(error), true);
+    return;
+  } finally {
+    if (latest()) {
+      $("#search-results").removeAttribute("aria-busy");
+      $("#search-more").disabled = false;
+    }
+  }
+  if (!latest()) return;
+  searching.query = query;
+  searching.nextOffset = page.next_offset;
+  const list = $("#result-list");
+  if (offset === 0) {
+    list.replaceChildren();
+    $("#search-results").scrollTop = 0;
+  }
+  list.append(...page.results.map(resultElement));
+  searchStatus(list.children.length ? "" : "No messages match");
+  $("#search-more").hidden = page.next_offset === null;
+}
+
+// Only <mark> is kept of a snippet: the server escapes the text and marks the matches.
+const SNIPPET = { ALLOWED_TAGS: ["mark"], ALLOWED_ATTR: [] };
+
+function resultElement(result) {
+  const item = document.createElement("li");
+  item.className = "result";
+  const open = document.createElement("a");
+  open.className = "open";
+  open.href = `?c=${encodeURIComponent(result.conversation_id)}`;
+  const head = document.createElement("span");
+  head.className = "result-head";
+  const title = document.createElement("span");
+  title.className = "result-title";
+  title.textContent = result.title;
+  const role = document.createElement("span");
+  role.className = "result-role";
+  role.textContent = result.role === "user" ? "You" : "Parley";
+  head.append(title, " ", role);
+  const snippet = document.createElement("span");
+  snippet.className = "snippet";
+  snippet.innerHTML = DOMPurify.sanitize(result.snippet, SNIPPET);
+  open.append(head, snippet);
+  open.addEventListener("click", (event) => {
+    event.preventDefault();
+    openResult(result);
+  });
+  item.append(open);
+  return item;
+}
+
+// A result opens its conversation on the branch through the message, which is scrolled
+// to and highlighted for a moment.
+async function openResult(result) {
+  closeSidebar();
+  $("#notice").hidden = true;
+  const id = result.conversation_id;
+  if (!(await openConversation(id, { push: true, leaf: result.message_id }))) return;
+  const item = await reveal(result.message_id);
+  if (!item) {
+    if (state.current === id) showNotice("That message is no longer there.");
+    return;
+  }
+  item.scrollIntoView({ block: "center" });
+  clearTimeout(searching.foundTimer);
+  for (const earlier of document.querySelectorAll("#messages .message.found")) earlier.classList.remove("found");
+  item.classList.add("found");
+  searching.foundTimer = setTimeout(() => item.classList.remove("found"), FOUND_FOR);
+}
+
+function closeSidebar() {
+  document.body.classList.remove("sidebar-open");
+  $("#toggle-sidebar").setAttribute("aria-expanded", "false");
+}
+
+// --- Export and import ----------------------------------------------------------------------
+
+async function importFile(file) {
+  const status = $("#import-status");
+  status.classList.remove("failure");
+  status.textContent = `Importing ${file.name}…`;
+  status.hidden = false;
+  $("#import").disabled = true;
+  let result;
+  try {
+    result = await api("POST", "/api/import", file);
+  } catch (error) {
+    status.textContent = importProblem(error);
+    status.classList.add("failure");
+    return;
+  } finally {
+    $("#import").disabled = false;
+  }
+  status.textContent = imported(result.created, result.skipped);
+  await loadConversations();
+}
+
+function conversationCount(count) {
+  return `${count} conversation${count === 1 ? "" : "s"}`;
+}
+
+function imported(created, skipped) {
+  if (created) return `Imported ${conversationCount(created)}${skipped ? ` (${skipped} already here)` : ""}`;
+  if (skipped) return `Nothing new: ${skipped === 1 ? "that conversation is" : `all ${skipped} are`} already here`;
+  return "Nothing imported: the file holds no conversations";
+}
+
+// A refused file (422): its first problem, and where in the file (conversations[0].title).
+function importProblem(error) {
+  const first = error.status === 422 ? error.problems?.[0] : null;
+  if (!first) return `Not imported: ${error.message}`;
+  const where = (first.loc ?? [])
+    .filter((part, at) => !(at === 0 && part === "body"))
+    .map((part, at) => (typeof part === "number" ? `[${part}]` : at ? `.${part}` : String(part)))
+    .join("");
+  const more = error.problems.length > 1 ? ` (and ${error.problems.length - 1} more)` : "";
+  return `Not imported: ${where ? `${where}: ` : "the file "}${first.msg}${more}`;
 }
 
 // --- Usage panel ----------------------------------------------------------------------------
@@ -1138,6 +1351,10 @@ $("#switch-user").addEventListener("click", async () => {
   state.moreConversations = false;
   history.pushState(null, "", location.pathname);
   $("#messages").replaceChildren();
+  $("#search-input").value = "";
+  endSearch();
+  $("#import-status").hidden = true;
+  showSettings();
   askName();
 });
 
@@ -1194,6 +1411,51 @@ $("#instructions").addEventListener("submit", async (event) => {
 });
 $("#instructions-reset").addEventListener("click", async () => {
   if (await changeConversation({ system_prompt: null })) showInstructions(false);
+});
+
+$("#search-input").addEventListener("input", searchSoon);
+$("#search").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const query = $("#search-input").value.trim();
+  if (query) runSearch(query);
+  else endSearch();
+});
+$("#search-input").addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && $("#search-input").value) {
+    // Clears the search; a reply being written goes on.
+    event.preventDefault();
+    event.stopPropagation();
+    $("#search-input").value = "";
+    endSearch();
+  }
+});
+$("#search-more").addEventListener("click", () => {
+  const query = $("#search-input").value.trim();
+  if (!query) endSearch();
+  else if (query !== searching.query) runSearch(query); // typed on meanwhile: that first
+  else if (searching.nextOffset !== null) runSearch(query, searching.nextOffset);
+});
+
+$("#import").addEventListener("click", () => $("#import-file").click());
+$("#import-file").addEventListener("change", () => {
+  const file = $("#import-file").files[0];
+  $("#import-file").value = ""; // the same file may be chosen again
+  if (file) importFile(file);
+});
+
+// The export menu closes once a format is chosen, on Escape, and on a click elsewhere.
+for (const link of document.querySelectorAll("#export a")) {
+  link.addEventListener("click", () => ($("#export").open = false));
+}
+$("#export").addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && $("#export").open) {
+    event.stopPropagation();
+    $("#export").open = false;
+    $("#export summary").focus();
+  }
+});
+document.addEventListener("click", (event) => {
+  if ($("#export").open && !$("#export").contains(event.target)) $("#export").open = false;
 });
 
 $("#toggle-sidebar").addEventListener("click", () => {
