@@ -449,6 +449,7 @@ def test_the_model_picker_changes_the_model_that_answers(
         sign_in(page, picky)
         picker = page.get_by_label("Model", exact=True)
         expect(picker).to_be_enabled()
+        expect(picker.locator("option")).to_have_count(2)
         values = picker.locator("option").evaluate_all("options => options.map(o => o.value)")
         default = values[0]
         assert values == [default, "fast"] and default != "fast"
