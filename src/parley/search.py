@@ -17,10 +17,12 @@ import html
 import re
 import unicodedata
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from parley.store import _aware
 
 MAX_QUERY_CHARS = 200
 # A snippet's size, in words, and how many come before the first match.
@@ -164,9 +166,8 @@ async def search(
 
 
 def _moment(value: datetime | str) -> datetime:
-    # Raw SQL on SQLite returns the stored text; everything Parley stores is UTC.
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    # Raw SQL on SQLite returns the stored text, which ``_aware`` then reads as UTC.
+    return _aware(datetime.fromisoformat(value) if isinstance(value, str) else value)
 
 
 def _folded(text: str) -> str:
